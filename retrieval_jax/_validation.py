@@ -1,0 +1,43 @@
+"""Argument checks shared by the functional core.
+
+Every check raises ``ValueError`` naming the argument, what was expected and what was given.
+Value checks (finiteness, ranges) run only on concrete arrays: under ``jax.jit`` the values are
+tracers and only static properties (rank, shape) can be checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when ``x`` holds values on the host side of a trace (not a ``jax.core.Tracer``)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_ndim(name: str, x, ndim: int | Sequence[int], layout: str = "") -> None:
+  """Raises if ``x`` does not have ``ndim`` (or one of several) dimensions."""
+  allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+  if np.ndim(x) not in allowed:
+    want = " or ".join(f"{d}-D" for d in allowed)
+    layout = f" {layout}" if layout else ""
+    raise ValueError(
+        f"{name} must be a {want} array{layout}; got shape {tuple(np.shape(x))}.")
+
+
+def check_finite(name: str, x) -> None:
+  """Raises if a concrete ``x`` holds NaN or infinite values (no-op under tracing)."""
+  if not is_concrete(x):
+    return
+  values = np.asarray(x)
+  if not np.issubdtype(values.dtype, np.inexact):
+    return
+  bad = ~np.isfinite(values)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"{name} must be finite; it has {int(bad.sum())} NaN/inf value(s), the first at index "
+        f"{first}.")

@@ -1,0 +1,28 @@
+"""Test set-up: four CPU devices, so multi-device code runs on any machine.
+
+XLA reads ``XLA_FLAGS`` once, when the backend starts, so the flag is set here, before any test
+module imports jax.
+"""
+
+import os
+
+_FORCE_DEVICES = "--xla_force_host_platform_device_count=4"
+if _FORCE_DEVICES.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FORCE_DEVICES).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (imported after the flag on purpose)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests compile new shapes; keep them bounded and free of wall-clock deadlines.
+settings.register_profile("retrieval_jax", max_examples=25, deadline=None, derandomize=True)
+settings.load_profile("retrieval_jax")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+  """A fixed-seed generator per test, so every test is deterministic on its own."""
+  return np.random.default_rng(0)
+
