@@ -1,0 +1,38 @@
+"""retrieval_jax: deep instance-level image retrieval in JAX/Flax.
+
+The functional core, importable as submodules or from here:
+
+- ``regions``: the reference-exact R-MAC grid, box conversion, region indicators.
+- ``pooling``: MAC, SPoC, GeM, regional pooling, R-MAC (all with validity masks).
+- ``whitening``: PCA whitening and learned discriminative whitening (Lw).
+- ``distances``: pairwise / paired distances with safe gradients, exact chunked top-k.
+- ``rerank``: alpha query expansion, average query expansion, database-side augmentation.
+- ``metrics``: Oxford mAP, clipped mP@k, revisited E/M/H, Holidays, UKBench N-S, recall@k.
+"""
+
+from retrieval_jax import distances, metrics, normalization, pooling, regions, rerank, whitening
+from retrieval_jax.distances import (paired_cosine_similarity, paired_euclidean,
+                                     paired_squared_euclidean, pairwise_cosine_distance,
+                                     pairwise_cosine_similarity, pairwise_euclidean,
+                                     pairwise_squared_euclidean, top_k_similar)
+from retrieval_jax.metrics import (compute_map, exclude_query_gnd, hit_rate_at_k, holidays_map,
+                                   original_gnd, recall_at_k, revisited_gnd, ukbench_ns_score)
+from retrieval_jax.normalization import l2n
+from retrieval_jax.pooling import gem, mac, regional_pool, rmac, spoc
+from retrieval_jax.regions import boxes_to_cells, rmac_region_table, rmac_regions
+from retrieval_jax.rerank import (alpha_query_expansion, average_query_expansion,
+                                  database_side_augmentation)
+from retrieval_jax.whitening import apply_whitening, learn_lw, learn_pca_whitening
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
+    "compute_map", "database_side_augmentation", "distances", "exclude_query_gnd", "gem",
+    "hit_rate_at_k", "holidays_map", "l2n", "learn_lw", "learn_pca_whitening", "mac", "metrics",
+    "normalization", "original_gnd", "paired_cosine_similarity", "paired_euclidean",
+    "paired_squared_euclidean", "pairwise_cosine_distance", "pairwise_cosine_similarity",
+    "pairwise_euclidean", "pairwise_squared_euclidean", "pooling", "recall_at_k", "regional_pool",
+    "regions", "rerank", "revisited_gnd", "rmac", "rmac_region_table", "rmac_regions", "spoc",
+    "top_k_similar", "ukbench_ns_score", "whitening",
+]
