@@ -24,14 +24,17 @@ from retrieval_jax import pooling
 from retrieval_jax.regions import rmac_regions
 
 
-def _median_seconds(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
+def _median_seconds(cases: dict, repeats: int) -> dict[str, float]:
+  """Median time per case; cases run round-robin so machine drift hits them all alike."""
+  for fn, *inputs in cases.values():
+    jax.block_until_ready(fn(*inputs))  # compile and warm up
+  times = {name: [] for name in cases}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    for name, (fn, *inputs) in cases.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*inputs))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -69,9 +72,7 @@ def main() -> None:
       "rmac L=3, masked bucket": (jax.jit(lambda v, m: pooling.rmac(v, mask=m)), padded, mask),
       "gem, masked bucket": (jax.jit(lambda v, m: pooling.gem(v, mask=m)), padded, mask),
   }
-  results = {}
-  for name, (fn, *inputs) in cases.items():
-    results[name] = _median_seconds(fn, *inputs, repeats=args.repeats)
+  results = _median_seconds(cases, args.repeats)
   base = results["gem (baseline)"]
 
   print(f"feature map [B={args.batch}, H={h}, W={w}, C={args.channels}] "

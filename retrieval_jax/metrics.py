@@ -276,6 +276,19 @@ def compute_map(
   return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
 
 
+def _hits_at_k(ranks: ArrayLike, gnd: Sequence[Mapping[str, ArrayLike]], ks: Sequence[int],
+               n_db: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """Positives in the junk-removed top k ``[n_valid, K]`` and ``len(ok)`` ``[n_valid]``, over the
+  queries with positives (the others are excluded with a warning)."""
+  ranks, n_db = _check_ranks(ranks, n_db)
+  ks = _check_ks("ks", ks)
+  oks, junks = _check_gnd(gnd, ranks.shape[0], n_db)
+  n_ok = np.array([len(ok) for ok in oks])
+  valid = _nonempty_queries(n_ok)
+  query, rank0 = _gnd_positive_ranks(ranks, oks, junks, n_db)
+  return _hits_within(query, rank0, ks, ranks.shape[0])[valid], n_ok[valid]
+
+
 def recall_at_k(
     ranks: ArrayLike,
     gnd: Sequence[Mapping[str, ArrayLike]],
@@ -299,14 +312,8 @@ def recall_at_k(
   Returns:
     float [len(ks)], values in [0, 1].
   """
-  ranks, n_db = _check_ranks(ranks, n_db)
-  ks = _check_ks("ks", ks)
-  oks, junks = _check_gnd(gnd, ranks.shape[0], n_db)
-  n_ok = np.array([len(ok) for ok in oks])
-  valid = _nonempty_queries(n_ok)
-  query, rank0 = _gnd_positive_ranks(ranks, oks, junks, n_db)
-  hits = _hits_within(query, rank0, ks, ranks.shape[0])
-  return (hits[valid] / n_ok[valid, None]).mean(axis=0)
+  hits, n_ok = _hits_at_k(ranks, gnd, ks, n_db)
+  return (hits / n_ok[:, None]).mean(axis=0)
 
 
 def hit_rate_at_k(
@@ -334,13 +341,8 @@ def hit_rate_at_k(
   References:
     Song et al., "Deep Metric Learning via Lifted Structured Feature Embedding", CVPR 2016.
   """
-  ranks, n_db = _check_ranks(ranks, n_db)
-  ks = _check_ks("ks", ks)
-  oks, junks = _check_gnd(gnd, ranks.shape[0], n_db)
-  valid = _nonempty_queries(np.array([len(ok) for ok in oks]))
-  query, rank0 = _gnd_positive_ranks(ranks, oks, junks, n_db)
-  hits = _hits_within(query, rank0, ks, ranks.shape[0])
-  return (hits[valid] > 0).mean(axis=0)
+  hits, _ = _hits_at_k(ranks, gnd, ks, n_db)
+  return (hits > 0).mean(axis=0)
 
 
 def ukbench_ns_score(ranks: ArrayLike, labels: ArrayLike) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -170,6 +171,9 @@ def regional_pool(x, regions, method: PoolMethod = "max", p=3.0, eps: float = GE
   if method == "max":
     values = x if mask is None else jnp.where(mask[..., None], x, -jnp.inf)
     over_rows = _row_range_max(values, jnp.asarray(regions))  # [B, R, W, C]
+    # Keeps XLA from fusing the row gather into the column reduction, which re-gathers per
+    # output element (3-4x slower on CPU for the 40-region grid).
+    over_rows = jax.lax.optimization_barrier(over_rows)
     cols_b = cols[..., None] if per_image else cols[None, :, :, None]
     pooled = jnp.max(jnp.where(cols_b, over_rows, -jnp.inf), axis=2)  # [B, R, C]
     # Only an empty region (all of it padding) stays at -inf.
