@@ -27,7 +27,6 @@ import time
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from retrieval_jax import metrics, pooling, rerank, whitening
