@@ -55,6 +55,7 @@ import numpy as np
 
 from retrieval_jax.models.common import (NormMode, assemble_variables, batch_norm, check_norm_mode,
                                          check_source_keys, check_taps)
+from retrieval_jax.models.layers import Conv, DepthwiseConv
 
 __all__ = ["EFFICIENTNET_LITE_PARAMS", "EfficientNetLite", "MBConvBlock", "StageSpec",
            "efficientnet_lite_from_state_dict", "efficientnet_lite_stages"]
@@ -139,10 +140,9 @@ class MBConvBlock(nn.Module):
     hidden = in_channels * self.expand
     use_bias = self.norm == "folded"
 
-    def conv(features, kernel, stride, name, groups=1):
-      return nn.Conv(features, (kernel, kernel), (stride, stride), padding="SAME",
-                     feature_group_count=groups, use_bias=use_bias, dtype=self.dtype,
-                     param_dtype=jnp.float32, name=name)
+    def conv(features, kernel, stride, name):
+      return Conv(features, kernel, stride, padding="SAME", use_bias=use_bias, dtype=self.dtype,
+                  name=name)
 
     def norm(name):
       return batch_norm(self.norm, train, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name,
@@ -151,10 +151,10 @@ class MBConvBlock(nn.Module):
     y = x
     if self.expand != 1:
       y = _relu6(norm("expand_bn")(conv(hidden, 1, 1, "expand")(y)))
-    # Flax/lax "SAME" is TF "SAME": total padding max((ceil(n/s)-1)*s + k - n, 0), the odd
-    # element after (bottom/right), which is what the TF-trained weights expect.
-    y = _relu6(norm("depthwise_bn")(conv(hidden, self.kernel, self.stride, "depthwise",
-                                         groups=hidden)(y)))
+    # TF "SAME" padding (the odd element after: bottom/right), which the TF-trained weights
+    # expect; Flax/lax "SAME" for the stem conv is the same rule.
+    y = _relu6(norm("depthwise_bn")(DepthwiseConv(self.kernel, self.stride, use_bias, self.dtype,
+                                                  name="depthwise")(y)))
     y = norm("project_bn")(conv(self.out_channels, 1, 1, "project")(y))
     if self.stride == 1 and in_channels == self.out_channels:
       y = y + x
@@ -239,8 +239,8 @@ class EfficientNetLite(nn.Module):
                         norm=self.norm, dtype=self.dtype, name=f"stage{s}_block{b}")(x, train)
       if keep(f"stage{s}", x):
         return finish()
-    x = nn.Conv(HEAD_CHANNELS, (1, 1), padding="SAME", use_bias=use_bias, dtype=self.dtype,
-                param_dtype=jnp.float32, name="head")(x)
+    x = Conv(HEAD_CHANNELS, 1, padding="SAME", use_bias=use_bias, dtype=self.dtype,
+             name="head")(x)
     x = _relu6(norm("head_bn")(x))
     if keep("head", x):
       return finish()

@@ -73,6 +73,7 @@ from retrieval_jax.models.common import (NormMode, assemble_variables, batch_nor
                                          check_norm_mode, check_source_keys, check_taps,
                                          select_taps)
 from retrieval_jax.models.keras_h5 import open_h5, read_layer_weights
+from retrieval_jax.models.layers import Conv
 
 BlockKind = Literal["basic", "bottleneck"]
 _BLOCKS = ("basic", "bottleneck")
@@ -92,12 +93,12 @@ _CONVERT_INPUT_SHAPE = (1, 64, 64, 3)
 
 
 def _conv(features: int, kernel: int, stride: int, *, name: str, dtype: Any, groups: int = 1,
-          bias: bool = False) -> nn.Conv:
+          bias: bool = False) -> Conv:
   """A square convolution with torch-style symmetric zero padding ``k // 2`` on every side."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                 feature_group_count=groups, use_bias=bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=_CONV_INIT, name=name)
+  return Conv(features, kernel, stride, padding=((pad, pad), (pad, pad)),
+              feature_group_count=groups, use_bias=bias, dtype=dtype, kernel_init=_CONV_INIT,
+              name=name)
 
 
 class ResidualBlock(nn.Module):
