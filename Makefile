@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Extras installed for the test suite. CI adds `torch` for the torchvision parity tests:
-#   make test TEST_EXTRAS=test,pretrained,torch
+# Extras installed for the test suite. CI adds `torch` and `tfds` (tensorflow + Keras) for the
+# torchvision and Keras parity tests, which skip without them:
+#   make test TEST_EXTRAS=test,pretrained,torch,tfds
 TEST_EXTRAS ?= test,pretrained
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(TEST_EXTRAS))
@@ -27,6 +28,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/pooling.py
+	$(PY) benchmarks/backbones.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
