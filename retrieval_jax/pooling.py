@@ -23,7 +23,7 @@ import numpy as np
 
 from retrieval_jax._validation import check_ndim
 from retrieval_jax.normalization import l2n
-from retrieval_jax.regions import check_regions, region_indicators, rmac_region_table, rmac_regions
+from retrieval_jax.regions import check_regions, region_indicators, rmac_grid_regions
 
 GEM_EPS = 1e-6
 PoolMethod = Literal["max", "avg", "gem"]
@@ -197,12 +197,6 @@ def regional_pool(x, regions, method: PoolMethod = "max", p=3.0, eps: float = GE
   return mean if method == "avg" else _gem_root(mean, p)
 
 
-def _valid_extent(mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Rows and columns of each image's valid (top-left) map: ``[B]`` int32 each."""
-  return (jnp.sum(jnp.any(mask, axis=2), axis=1).astype(jnp.int32),
-          jnp.sum(jnp.any(mask, axis=1), axis=1).astype(jnp.int32))
-
-
 def rmac(x, levels: int = 3, eps: float = 1e-6, mask=None) -> jnp.ndarray:
   """Regional maximum activation of convolutions (Tolias et al.; DESIGN §4.1).
 
@@ -223,14 +217,8 @@ def rmac(x, levels: int = 3, eps: float = 1e-6, mask=None) -> jnp.ndarray:
   """
   x, mask = _check_map(x, mask)
   _, height, width, _ = x.shape
-  if mask is None:
-    regions = rmac_regions(height, width, levels)
-    return jnp.sum(l2n(regional_pool(x, regions, "max"), eps=eps), axis=1)
-  table, table_valid = rmac_region_table(height, width, levels)
-  rows, cols = _valid_extent(mask)
-  # An image with no valid cell looks up the 1x1 grid; its regions then pool to 0.
-  rows, cols = jnp.maximum(rows - 1, 0), jnp.maximum(cols - 1, 0)
-  regions = jnp.asarray(table)[rows, cols]  # [B, R_max, 4]
-  valid = jnp.asarray(table_valid)[rows, cols]  # [B, R_max]
+  regions, valid = rmac_grid_regions(height, width, levels, mask)
   vectors = l2n(regional_pool(x, regions, "max", mask=mask), eps=eps)
-  return jnp.sum(jnp.where(valid[..., None], vectors, 0.0), axis=1)
+  if valid is not None:
+    vectors = jnp.where(valid[..., None], vectors, 0.0)
+  return jnp.sum(vectors, axis=1)

@@ -14,7 +14,9 @@ References:
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -126,6 +128,36 @@ def rmac_region_table(max_height: int, max_width: int,
   regions.setflags(write=False)
   valid.setflags(write=False)
   return regions, valid
+
+
+def rmac_grid_regions(height: int, width: int, levels: int = 3,
+                      mask=None) -> tuple[Any, jax.Array | None]:
+  """The R-MAC grid (full map first, DESIGN §4.2) for a map, or one per image of a bucket.
+
+  Without a mask every image shares the static grid of the ``H x W`` map. With a mask (padding
+  at the bottom and right, as :mod:`retrieval_jax.pooling` assumes) each image gets the grid of
+  its own valid ``h x w`` map, looked up from
+  :func:`rmac_region_table` inside the jitted program (no host round-trip).
+
+  Args:
+    height: map rows H.
+    width: map columns W.
+    levels: R-MAC levels L.
+    mask: optional bool ``[B, H, W]``.
+
+  Returns:
+    ``(regions, valid)``: without a mask int32 numpy ``[R, 4]`` and ``None``; with a mask int32
+    ``[B, R_max, 4]`` and bool ``[B, R_max]`` marking each image's real grid rows. An image with
+    no valid cell gets the 1x1 grid (its regions then pool to 0).
+  """
+  if mask is None:
+    return rmac_regions(height, width, levels), None
+  mask = jnp.asarray(mask, bool)
+  table, table_valid = rmac_region_table(height, width, levels)
+  rows = jnp.sum(jnp.any(mask, axis=2), axis=1).astype(jnp.int32)
+  cols = jnp.sum(jnp.any(mask, axis=1), axis=1).astype(jnp.int32)
+  rows, cols = jnp.maximum(rows - 1, 0), jnp.maximum(cols - 1, 0)
+  return jnp.asarray(table)[rows, cols], jnp.asarray(table_valid)[rows, cols]
 
 
 def check_regions(regions, height: int, width: int, name: str = "regions") -> None:
