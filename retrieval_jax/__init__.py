@@ -8,15 +8,22 @@ The functional core, importable as submodules or from here:
 - ``distances``: pairwise / paired distances with safe gradients, exact chunked top-k.
 - ``rerank``: alpha query expansion, average query expansion, database-side augmentation.
 - ``metrics``: Oxford mAP, clipped mP@k, revisited E/M/H, Holidays, UKBench N-S, recall@k.
+- ``multiscale``: combining descriptors of several scales; ``kl_weighting``: REMAP's KL region
+  weights.
+
+Backbones, heads and weight converters live in :mod:`retrieval_jax.models`.
 """
 
-from retrieval_jax import distances, metrics, normalization, pooling, regions, rerank, whitening
+from retrieval_jax import (distances, kl_weighting, metrics, multiscale, normalization, pooling,
+                           regions, rerank, whitening)
 from retrieval_jax.distances import (paired_cosine_similarity, paired_euclidean,
                                      paired_squared_euclidean, pairwise_cosine_distance,
                                      pairwise_cosine_similarity, pairwise_euclidean,
                                      pairwise_squared_euclidean, top_k_similar)
+from retrieval_jax.kl_weighting import estimate_region_weights, region_kl_divergence
 from retrieval_jax.metrics import (compute_map, exclude_query_gnd, hit_rate_at_k, holidays_map,
                                    original_gnd, recall_at_k, revisited_gnd, ukbench_ns_score)
+from retrieval_jax.multiscale import combine_scales, scale_sizes
 from retrieval_jax.normalization import l2n
 from retrieval_jax.pooling import gem, mac, regional_pool, rmac, spoc
 from retrieval_jax.regions import boxes_to_cells, rmac_region_table, rmac_regions
@@ -28,7 +35,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
-    "compute_map", "database_side_augmentation", "distances", "exclude_query_gnd", "gem",
+    "combine_scales", "compute_map", "database_side_augmentation", "distances",
+    "estimate_region_weights", "exclude_query_gnd", "gem", "kl_weighting", "multiscale",
+    "region_kl_divergence", "scale_sizes",
     "hit_rate_at_k", "holidays_map", "l2n", "learn_lw", "learn_pca_whitening", "mac", "metrics",
     "normalization", "original_gnd", "paired_cosine_similarity", "paired_euclidean",
     "paired_squared_euclidean", "pairwise_cosine_distance", "pairwise_cosine_similarity",

@@ -1,4 +1,5 @@
-"""Backbones (Flax linen, NHWC) with multi-layer taps, weight converters and pretrained weights.
+"""Backbones (Flax linen, NHWC) with multi-layer taps, weight converters and pretrained weights,
+and the retrieval heads on top of them (GeM/MAC/SPoC, R-MAC/R-GAC, DARAC, REMAP, whitening).
 
 ``build_backbone(name, taps=..., num_classes=..., norm=..., dtype=...)`` builds any family by
 name; :data:`BACKBONES` lists the names with the input preprocessing of their usual weights.
@@ -12,13 +13,20 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 
-from retrieval_jax.models import convert, resnet, vgg
+from retrieval_jax.models import convert, darac, heads, remap, resnet, vgg
 from retrieval_jax.models.common import NORM_MODES, fold_batch_norm, preprocess
+from retrieval_jax.models.darac import (DaracHead, aggregation_parameter_count,
+                                        darac_init_whitening, fold_darac_batch_norm)
 from retrieval_jax.models.efficientnet_lite import EfficientNetLite
+from retrieval_jax.models.heads import (GlobalPoolHead, RegionalHead, learn_head_whitening,
+                                        replace_whitening)
 from retrieval_jax.models.pretrained import PRETRAINED, load_pretrained
 from retrieval_jax.models.torch_pickle import (UnsafeCheckpointError, load_torch_pickle,
                                                load_torch_state_dict)
+from retrieval_jax.models.remap import (RemapHead, effective_klw, fixed_rmac_regions,
+                                        remap_init_from_data, remap_region_descriptors)
 from retrieval_jax.models.variables_io import load_variables, save_variables
+from retrieval_jax.models.whitening_layer import Whitening, whitening_params
 
 
 class BackboneInfo(NamedTuple):
@@ -68,8 +76,11 @@ def build_backbone(name: str, **options: Any) -> nn.Module:
 
 
 __all__ = [
-    "BACKBONES", "BackboneInfo", "EfficientNetLite", "NORM_MODES", "PRETRAINED",
-    "UnsafeCheckpointError", "build_backbone", "convert", "fold_batch_norm", "load_pretrained",
-    "load_torch_pickle", "load_torch_state_dict", "load_variables", "preprocess", "resnet",
-    "save_variables", "vgg",
+    "BACKBONES", "BackboneInfo", "DaracHead", "EfficientNetLite", "GlobalPoolHead", "NORM_MODES",
+    "PRETRAINED", "RegionalHead", "RemapHead", "UnsafeCheckpointError", "Whitening",
+    "aggregation_parameter_count", "build_backbone", "convert", "darac", "darac_init_whitening",
+    "effective_klw", "fixed_rmac_regions", "fold_batch_norm", "fold_darac_batch_norm", "heads",
+    "learn_head_whitening", "load_pretrained", "load_torch_pickle", "load_torch_state_dict",
+    "load_variables", "preprocess", "remap", "remap_init_from_data", "remap_region_descriptors",
+    "replace_whitening", "resnet", "save_variables", "vgg", "whitening_params",
 ]
