@@ -26,7 +26,8 @@ from retrieval_jax.metrics import (compute_map, exclude_query_gnd, hit_rate_at_k
 from retrieval_jax.multiscale import combine_scales, scale_sizes
 from retrieval_jax.normalization import l2n
 from retrieval_jax.pooling import gem, mac, regional_pool, rmac, spoc
-from retrieval_jax.regions import boxes_to_cells, rmac_region_table, rmac_regions
+from retrieval_jax.regions import (boxes_to_cells, fixed_rmac_regions, rmac_region_table,
+                                   rmac_regions)
 from retrieval_jax.rerank import (alpha_query_expansion, average_query_expansion,
                                   database_side_augmentation)
 from retrieval_jax.whitening import apply_whitening, learn_lw, learn_pca_whitening
@@ -36,7 +37,8 @@ __version__ = "0.1.0"
 __all__ = [
     "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
     "combine_scales", "compute_map", "database_side_augmentation", "distances",
-    "estimate_region_weights", "exclude_query_gnd", "gem", "kl_weighting", "multiscale",
+    "estimate_region_weights", "exclude_query_gnd", "fixed_rmac_regions", "gem", "kl_weighting",
+    "multiscale",
     "region_kl_divergence", "scale_sizes",
     "hit_rate_at_k", "holidays_map", "l2n", "learn_lw", "learn_pca_whitening", "mac", "metrics",
     "normalization", "original_gnd", "paired_cosine_similarity", "paired_euclidean",

@@ -58,10 +58,18 @@ def _rmac_grid(height: int, width: int, levels: int) -> np.ndarray:
   extra = int(np.argmin(np.abs(overlap - _TARGET_OVERLAP))) + 1  # first minimiser
   extra_w = extra if height < width else 0
   extra_h = extra if height > width else 0
+  return _square_window_grid(height, width, levels, extra_w, extra_h, min_window=0)
 
+
+def _square_window_grid(height: int, width: int, levels: int, extra_w: int, extra_h: int,
+                        min_window: int) -> np.ndarray:
+  """Full map, then per level ``l`` square windows of side ``floor(2 min(H, W) / (l + 1))``
+  (raised to ``min_window``; levels whose side is 0 are dropped) at ``(l + extra_h) x
+  (l + extra_w)`` float32-placed starts, row-major. Read-only int32 ``[R, 4]``."""
+  short = min(height, width)
   rows = [(0, 0, width, height)]
   for level in range(1, levels + 1):
-    window = int(np.floor(2 * short / (level + 1)))
+    window = max(min_window, int(np.floor(2 * short / (level + 1))))
     if window == 0:
       continue
     starts_x = _level_starts(width, window, level + extra_w)
@@ -152,12 +160,85 @@ def rmac_grid_regions(height: int, width: int, levels: int = 3,
   """
   if mask is None:
     return rmac_regions(height, width, levels), None
-  mask = jnp.asarray(mask, bool)
   table, table_valid = rmac_region_table(height, width, levels)
+  rows, cols = table_index(mask)
+  return jnp.asarray(table)[rows, cols], jnp.asarray(table_valid)[rows, cols]
+
+
+def table_index(mask) -> tuple[jax.Array, jax.Array]:
+  """Each image's row into a region table: ``(h - 1, w - 1)`` of its valid top-left map.
+
+  Args:
+    mask: bool ``[B, H, W]``, padding at the bottom and right.
+
+  Returns:
+    int32 ``[B]`` twice. An image with no valid cell gets ``(0, 0)``: the 1x1 grid, whose
+    regions then pool to 0.
+  """
+  mask = jnp.asarray(mask, bool)
   rows = jnp.sum(jnp.any(mask, axis=2), axis=1).astype(jnp.int32)
   cols = jnp.sum(jnp.any(mask, axis=1), axis=1).astype(jnp.int32)
-  rows, cols = jnp.maximum(rows - 1, 0), jnp.maximum(cols - 1, 0)
-  return jnp.asarray(table)[rows, cols], jnp.asarray(table_valid)[rows, cols]
+  return jnp.maximum(rows - 1, 0), jnp.maximum(cols - 1, 0)
+
+
+def grid_region_count(levels: int, include_full_map: bool) -> int:
+  """Regions of :func:`fixed_rmac_regions`: ``L (L + 1) (L + 2) / 3`` (+ 1 with the full map)."""
+  levels = _check_positive_int("levels", levels)
+  return levels * (levels + 1) * (levels + 2) // 3 + int(bool(include_full_map))
+
+
+@functools.cache
+def _fixed_grid(height: int, width: int, levels: int) -> np.ndarray:
+  # One extra window position on the long side (the width of a square map); windows of at
+  # least one cell, so the count of regions does not depend on the map size.
+  extra_w, extra_h = (1, 0) if width >= height else (0, 1)
+  return _square_window_grid(height, width, levels, extra_w, extra_h, min_window=1)
+
+
+def fixed_rmac_regions(height: int, width: int, levels: int = 4,
+                       include_full_map: bool = False) -> np.ndarray:
+  """R-MAC grid with exactly one extra window position on the long side (a fixed count).
+
+  Level ``l = 1..L`` has square windows of side ``max(1, floor(2 min(H, W) / (l + 1)))`` at
+  ``l x (l + 1)`` positions (``l + 1`` along the long side; along the width of a square map),
+  placed with the reference's float32 starts (DESIGN §4.2) and listed row-major (start rows
+  outer). Identical to ``rmac_regions(H, W, L)`` wherever the reference picks one extra
+  position (long/short in about (1.02, 1.8], e.g. 24 x 32 -> REMAP's 40 regions for L = 4);
+  elsewhere windows overlap more (square, where one pair coincides) or less (elongated) than
+  the reference's 40 %, so that the count is always ``L (L + 1) (L + 2) / 3``.
+
+  Args:
+    height: map rows H >= 1.
+    width: map columns W >= 1.
+    levels: grid levels L >= 1.
+    include_full_map: prepend the full map ``(0, 0, W, H)`` as row 0.
+
+  Returns:
+    int32 ``[R, 4]`` rows ``(x, y, w, h)``, read-only.
+  """
+  grid = _fixed_grid(_check_positive_int("height", height), _check_positive_int("width", width),
+                     _check_positive_int("levels", levels))
+  return grid if include_full_map else grid[1:]
+
+
+@functools.lru_cache(maxsize=16)
+def fixed_rmac_region_table(max_height: int, max_width: int, levels: int = 4,
+                            include_full_map: bool = False) -> np.ndarray:
+  """:func:`fixed_rmac_regions` of every map size up to ``max_height x max_width``.
+
+  For shape-bucketed batches: ``table[h - 1, w - 1]`` is the grid of an image whose valid map is
+  ``h x w``; every entry has the same count, so no validity flags are needed.
+
+  Returns:
+    int32 ``[max_height, max_width, R, 4]``, read-only.
+  """
+  max_height = _check_positive_int("max_height", max_height)
+  max_width = _check_positive_int("max_width", max_width)
+  table = np.stack([
+      np.stack([fixed_rmac_regions(h, w, levels, include_full_map)
+                for w in range(1, max_width + 1)]) for h in range(1, max_height + 1)])
+  table.setflags(write=False)
+  return table
 
 
 def check_regions(regions, height: int, width: int, name: str = "regions") -> None:

@@ -5,7 +5,7 @@ From the last convolutional map ``[B, H, W, C]`` (post-ReLU):
 1. Regions (§III-B, Fig. 3): the 20 regions of a 3-level R-MAC grid plus the global map, 21 in
    all, each pooled by max AND by average: a ``42 x C`` matrix per image. Row order here: rows
    ``0..20`` max pooling, ``21..41`` average pooling, each in grid order (row 0 / 21 the global
-   map, then levels 1..3 row-major; :func:`~retrieval_jax.models.remap.fixed_rmac_regions`).
+   map, then levels 1..3 row-major; :func:`~retrieval_jax.regions.fixed_rmac_regions`).
    No normalisation of the pooled vectors: the paper feeds the raw ``42 x C`` matrix.
 2. Aggregation network (§III-C, Fig. 4):
    - a convolution with ``l`` kernels of size ``42 x 1`` over the ``42 x C`` matrix: each output
@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from retrieval_jax.models.common import NormMode, batch_norm, check_norm_mode
-from retrieval_jax.models.remap import grid_pool, grid_region_count
+from retrieval_jax.models.remap import grid_pool
+from retrieval_jax.regions import grid_region_count
 from retrieval_jax.models.whitening_layer import Whitening, whitening_params
 from retrieval_jax.normalization import l2n
 from retrieval_jax.whitening import learn_pca_whitening

@@ -40,7 +40,6 @@ Taps at different depths work too (e.g. this library's ResNeXt ``stage3`` + ``st
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,85 +52,9 @@ from retrieval_jax.kl_weighting import DEFAULT_BINS, DEFAULT_SMOOTHING, estimate
 from retrieval_jax.models.whitening_layer import Whitening, whitening_params
 from retrieval_jax.normalization import l2n
 from retrieval_jax.pooling import regional_pool
-# The reference's float32 start arithmetic (DESIGN §4.2), shared so that the fixed-count grid
-# matches rmac_regions bit for bit wherever both place one extra long-side window.
-from retrieval_jax.regions import _level_starts
+from retrieval_jax.regions import (fixed_rmac_region_table, fixed_rmac_regions,
+                                   grid_region_count, table_index)
 from retrieval_jax.whitening import learn_pca_whitening
-
-
-def _check_positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-  return int(value)
-
-
-def grid_region_count(levels: int, include_full_map: bool) -> int:
-  """Regions of :func:`fixed_rmac_regions`: ``L (L + 1) (L + 2) / 3`` (+ 1 with the full map)."""
-  levels = _check_positive_int("levels", levels)
-  return levels * (levels + 1) * (levels + 2) // 3 + int(bool(include_full_map))
-
-
-@functools.cache
-def _fixed_grid(height: int, width: int, levels: int) -> np.ndarray:
-  short = min(height, width)
-  # One extra window position on the long side (the width of a square map).
-  extra_w, extra_h = (1, 0) if width >= height else (0, 1)
-  rows = [(0, 0, width, height)]
-  for level in range(1, levels + 1):
-    # At least one cell: the count of regions must not depend on the map size.
-    window = max(1, int(np.floor(2 * short / (level + 1))))
-    starts_x = _level_starts(width, window, level + extra_w)
-    starts_y = _level_starts(height, window, level + extra_h)
-    rows.extend((int(x), int(y), window, window) for y in starts_y for x in starts_x)
-  grid = np.asarray(rows, dtype=np.int32)
-  grid.setflags(write=False)
-  return grid
-
-
-def fixed_rmac_regions(height: int, width: int, levels: int = 4,
-                       include_full_map: bool = False) -> np.ndarray:
-  """R-MAC grid with exactly one extra window position on the long side (a fixed count).
-
-  Level ``l = 1..L`` has square windows of side ``max(1, floor(2 min(H, W) / (l + 1)))`` at
-  ``l x (l + 1)`` positions (``l + 1`` along the long side; along the width of a square map),
-  placed with the reference's float32 starts (DESIGN §4.2) and listed row-major (start rows
-  outer). Identical to ``rmac_regions(H, W, L)`` wherever the reference picks one extra
-  position (long/short in about (1.02, 1.8], e.g. 24 x 32 -> REMAP's 40 regions for L = 4);
-  elsewhere windows overlap more (square, where one pair coincides) or less (elongated) than
-  the reference's 40 %, so that the count is always ``L (L + 1) (L + 2) / 3``.
-
-  Args:
-    height: map rows H >= 1.
-    width: map columns W >= 1.
-    levels: grid levels L >= 1.
-    include_full_map: prepend the full map ``(0, 0, W, H)`` as row 0.
-
-  Returns:
-    int32 ``[R, 4]`` rows ``(x, y, w, h)``, read-only.
-  """
-  grid = _fixed_grid(_check_positive_int("height", height), _check_positive_int("width", width),
-                     _check_positive_int("levels", levels))
-  return grid if include_full_map else grid[1:]
-
-
-@functools.lru_cache(maxsize=16)
-def fixed_rmac_region_table(max_height: int, max_width: int, levels: int = 4,
-                            include_full_map: bool = False) -> np.ndarray:
-  """:func:`fixed_rmac_regions` of every map size up to ``max_height x max_width``.
-
-  For shape-bucketed batches: ``table[h - 1, w - 1]`` is the grid of an image whose valid map is
-  ``h x w``; every entry has the same count, so no validity flags are needed.
-
-  Returns:
-    int32 ``[max_height, max_width, R, 4]``, read-only.
-  """
-  max_height = _check_positive_int("max_height", max_height)
-  max_width = _check_positive_int("max_width", max_width)
-  table = np.stack([
-      np.stack([fixed_rmac_regions(h, w, levels, include_full_map)
-                for w in range(1, max_width + 1)]) for h in range(1, max_height + 1)])
-  table.setflags(write=False)
-  return table
 
 
 def _check_tap(name: str, x, mask) -> tuple[jax.Array, jax.Array | None]:
@@ -165,11 +88,8 @@ def grid_pool(x, levels: int, method: str = "max", include_full_map: bool = Fals
   _, height, width, _ = x.shape
   if mask is None:
     return regional_pool(x, fixed_rmac_regions(height, width, levels, include_full_map), method)
-  rows = jnp.sum(jnp.any(mask, axis=2), axis=1).astype(jnp.int32)
-  cols = jnp.sum(jnp.any(mask, axis=1), axis=1).astype(jnp.int32)
   table = jnp.asarray(fixed_rmac_region_table(height, width, levels, include_full_map))
-  # An image with no valid cell looks up the 1x1 grid; its regions then pool to 0.
-  regions = table[jnp.maximum(rows - 1, 0), jnp.maximum(cols - 1, 0)]  # [B, R, 4]
+  regions = table[table_index(mask)]  # [B, R, 4]
   return regional_pool(x, regions, method, mask=mask)
 
 
