@@ -11,7 +11,9 @@ The functional core, importable as submodules or from here:
 - ``multiscale``: combining descriptors of several scales; ``kl_weighting``: REMAP's KL region
   weights.
 
-Backbones, heads and weight converters live in :mod:`retrieval_jax.models`.
+Backbones, heads and weight converters live in :mod:`retrieval_jax.models`; ``Retriever``
+(backbone + head + weights: ``Retriever.from_pretrained("efficientnet-lite0").extract(paths)``)
+in :mod:`retrieval_jax.retriever`.
 """
 
 from retrieval_jax import (distances, kl_weighting, metrics, multiscale, normalization, pooling,
@@ -34,8 +36,18 @@ from retrieval_jax.whitening import apply_whitening, learn_lw, learn_pca_whiteni
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+  # Retriever pulls in flax and the backbones; import it on first use so that the functional
+  # core stays a light import.
+  if name == "Retriever":
+    from retrieval_jax.retriever import Retriever
+    return Retriever
+  raise AttributeError(f"module 'retrieval_jax' has no attribute {name!r}")
+
+
 __all__ = [
-    "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
+    "Retriever", "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
     "combine_scales", "compute_map", "database_side_augmentation", "distances",
     "estimate_region_weights", "exclude_query_gnd", "fixed_rmac_regions", "gem", "kl_weighting",
     "multiscale",

