@@ -120,6 +120,8 @@ class Retriever:
       raise ValueError(f"config has unknown field(s) {unknown}; known: {sorted(full)}.")
     full.update(dict(cfg or {}))
     full.scales = tuple(full.scales)
+    if full.pooling not in POOLINGS:
+      raise ValueError(f"pooling must be one of {POOLINGS}; got {full.pooling!r}.")
     key = full.backbone.replace("-", "_")
     pretrained_name = key.replace("_", "-")
     if full.pretrained and pretrained_name in PRETRAINED:
