@@ -36,12 +36,28 @@ from retrieval_jax.data.images import load_images, resize_to
 from retrieval_jax.models import BACKBONES, PRETRAINED, build_backbone, load_pretrained
 from retrieval_jax.models.common import preprocess
 from retrieval_jax.models.efficientnet_lite import EfficientNetLite
+from retrieval_jax.models.darac import DaracHead
 from retrieval_jax.models.heads import GlobalPoolHead, RegionalHead
+from retrieval_jax.models.remap import RemapHead
 from retrieval_jax.models.variables_io import load_variables, save_variables
 
 _GLOBAL = ("gem", "mac", "spoc")
 _REGIONAL = {"rmac": "max", "rgac": "gem"}
-POOLINGS = _GLOBAL + tuple(_REGIONAL)
+POOLINGS = _GLOBAL + tuple(_REGIONAL) + ("darac", "remap")
+# REMAP's multi-layer aggregation uses the last two convolutional blocks (§III-B, Table II).
+REMAP_TAPS = {"resnet": ("stage3", "stage4"), "resnext": ("stage3", "stage4"),
+              "vgg": ("conv5_2", "conv5_3"), "alexnet": ("conv4", "conv5"),
+              "efficientnet": ("stage7", "head"), "tiny": ("stage3", "stage4")}
+
+
+def _remap_taps(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  if cfg.remap_taps is not None:
+    return tuple(cfg.remap_taps)
+  key = cfg.backbone.replace("-", "_")
+  for prefix, taps in REMAP_TAPS.items():
+    if key.startswith(prefix):
+      return taps
+  raise ValueError(f"no default REMAP taps for backbone {cfg.backbone!r}; set remap_taps.")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -49,9 +65,11 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "backbone": "efficientnet_lite0",  # a key of retrieval_jax.models.BACKBONES
       "pretrained": True,  # ImageNet weights when the backbone has a pretrained package
-      "pooling": "gem",  # gem | mac | spoc | rmac | rgac
+      "pooling": "gem",  # gem | mac | spoc | rmac | rgac | darac | remap
       "p": 3.0,  # GeM p (global) or xi (R-GAC) initial value
-      "levels": 3,  # R-MAC grid levels (rmac / rgac)
+      "levels": 3,  # R-MAC grid levels (rmac / rgac / darac; remap uses remap_levels)
+      "remap_levels": 4,  # REMAP's grid: 40 regions on a 24x32 map (Table I)
+      "remap_taps": None,  # REMAP's streams; None: the family's last two (see REMAP_TAPS)
       "whiten_dims": None,  # a whitening layer of this size (initialise it from data)
       "preprocessing": None,  # None: the backbone family's usual one
       "max_size": 1024,
@@ -68,6 +86,11 @@ def _build_head(cfg: ml_collections.ConfigDict):
   if cfg.pooling in _REGIONAL:
     return RegionalHead(_REGIONAL[cfg.pooling], levels=cfg.levels, xi_init=cfg.p,
                         whiten_dims=cfg.whiten_dims)
+  if cfg.pooling == "darac":
+    return DaracHead(levels=cfg.levels, whiten_dims=cfg.whiten_dims)
+  if cfg.pooling == "remap":
+    return RemapHead(levels=cfg.remap_levels, layers=len(_remap_taps(cfg)),
+                     out_dims=cfg.whiten_dims)
   raise ValueError(f"pooling must be one of {POOLINGS}; got {cfg.pooling!r}.")
 
 
@@ -81,25 +104,31 @@ class Retriever:
       raise ValueError(f"config backbone {cfg.backbone!r} is unknown; available: "
                        f"{sorted(BACKBONES)}.")
     self.config = cfg
-    self.backbone = build_backbone(key)
+    self.taps = _remap_taps(cfg) if cfg.pooling == "remap" else (BACKBONES[key].default_tap,)
+    self.backbone = build_backbone(key, taps=self.taps)
     self.head = _build_head(cfg)
     self.variables = variables
     self.preprocessing = cfg.preprocessing or BACKBONES[key].preprocessing
     probe = jax.eval_shape(self.backbone.init_with_output, jax.random.PRNGKey(0),
                            jnp.zeros((1, 256, 256, 3)))[0]
-    self.stride = 256 // probe.shape[1]
+    self.tap_strides = {t: 256 // probe[t].shape[1] for t in self.taps}
+    self.stride = max(self.tap_strides.values())
     self.compiled_shapes: set[tuple[int, ...]] = set()  # one XLA program per entry
 
     # Backbones that take a pixel mask re-mask their spatial layers' inputs, so padding does not
     # leak into the valid cells (EfficientNet-Lite); the others see the zero padding as image.
     self.masks_backbone = isinstance(self.backbone, EfficientNetLite)
 
-    def describe(variables, images, pixel_mask, mask):
+    def describe(variables, images, pixel_mask):
       if self.masks_backbone:
         maps = self.backbone.apply(variables["backbone"], images, mask=pixel_mask)
       else:
         maps = self.backbone.apply(variables["backbone"], images)
-      return self.head.apply(variables["head"], maps, mask=mask)
+      # Valid cells of a tap at stride s: ceil(h / s) x ceil(w / s), top-left.
+      masks = [pixel_mask[:, ::self.tap_strides[t], ::self.tap_strides[t]] for t in self.taps]
+      if self.config.pooling == "remap":
+        return self.head.apply(variables["head"], [maps[t] for t in self.taps], masks=masks)
+      return self.head.apply(variables["head"], maps[self.taps[0]], mask=masks[0])
 
     self._describe = jax.jit(describe)
 
@@ -132,9 +161,12 @@ class Retriever:
                          f"{sorted(BACKBONES)}.")
       backbone_vars = jax.jit(build_backbone(key).init)(jax.random.PRNGKey(0),
                                                         jnp.zeros((1, 64, 64, 3)))
-    channels = jax.eval_shape(build_backbone(key).apply, backbone_vars,
-                              jnp.zeros((1, 64, 64, 3))).shape[-1]
-    head_vars = _build_head(full).init(jax.random.PRNGKey(1), jnp.zeros((1, 4, 4, channels)))
+    taps = _remap_taps(full) if full.pooling == "remap" else (BACKBONES[key].default_tap,)
+    maps = jax.eval_shape(build_backbone(key, taps=taps).apply, backbone_vars,
+                          jnp.zeros((1, 128, 128, 3)))
+    maps = [jnp.zeros(maps[t].shape) for t in taps]
+    head = _build_head(full)
+    head_vars = head.init(jax.random.PRNGKey(1), maps if full.pooling == "remap" else maps[0])
     return cls(full, {"backbone": dict(backbone_vars), "head": dict(head_vars)})
 
   @classmethod
@@ -203,19 +235,15 @@ class Retriever:
     """Descriptors of same-bucket images, padded to the bucket and to a full batch."""
     x = np.zeros((batch_size, *bucket, 3), np.float32)
     pixel_mask = np.zeros((batch_size, *bucket), bool)
-    mask = np.zeros((batch_size, -(-bucket[0] // self.stride), -(-bucket[1] // self.stride)),
-                    bool)
     for i, image in enumerate(images):
       h, w = image.shape[:2]
       x[i, :h, :w] = np.asarray(preprocess(image[None], self.preprocessing))[0]
       pixel_mask[i, :h, :w] = True
-      mask[i, :-(-h // self.stride), :-(-w // self.stride)] = True
-    # Padding rows of the batch get one valid cell, so no NaN can come from an empty mask.
-    mask[len(images):, 0, 0] = True
+    # Padding rows of the batch get one valid pixel, so no NaN can come from an empty mask.
     pixel_mask[len(images):, 0, 0] = True
     self.compiled_shapes.add(x.shape)
-    return np.asarray(self._describe(self.variables, jnp.asarray(x), jnp.asarray(pixel_mask),
-                                     jnp.asarray(mask)))[:len(images)]
+    return np.asarray(self._describe(self.variables, jnp.asarray(x),
+                                     jnp.asarray(pixel_mask)))[:len(images)]
 
   def extract(self, images_or_paths: Sequence[Any], max_size: int | None = None,
               scales: Sequence[float] | None = None, batch_size: int | None = None, *,

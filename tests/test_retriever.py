@@ -38,7 +38,7 @@ def _unpadded(retriever, image):
 
   def describe(variables, x):
     maps = retriever.backbone.apply(variables["backbone"], x)
-    return retriever.head.apply(variables["head"], maps)
+    return retriever.head.apply(variables["head"], maps[retriever.taps[0]])
 
   return np.asarray(jax.jit(describe)(retriever.variables, x))[0]
 
@@ -119,3 +119,20 @@ def test_config_errors():
     Retriever.from_config({"backbone": "tiny_resnet", "pooling": "vlad", "pretrained": False})
   with pytest.raises(ValueError, match="no pretrained weights"):
     Retriever.from_pretrained("resnet50")
+
+
+@pytest.mark.parametrize("pooling", ["rmac", "rgac", "darac", "remap"])
+def test_regional_heads_extract_bucketed_like_unpadded(pooling):
+  retriever = Retriever.from_pretrained("efficientnet-lite0", pooling=pooling, max_size=160,
+                                        bucket_step=128, batch_size=2)
+  image = resize_to(skimage_data.coffee(), (90, 150))  # -> 96x160 input, a 128x256 bucket
+  got = retriever.extract([image])[0]
+  x = preprocess(resize_to(image, retriever.input_size(image.shape[:2]))[None],
+                 retriever.preprocessing)
+  maps = retriever.backbone.apply(retriever.variables["backbone"], x)
+  if pooling == "remap":
+    want = retriever.head.apply(retriever.variables["head"], [maps[t] for t in retriever.taps])
+  else:
+    want = retriever.head.apply(retriever.variables["head"], maps[retriever.taps[0]])
+  np.testing.assert_allclose(np.linalg.norm(got), 1.0, atol=1e-5)
+  assert float(got @ np.asarray(want)[0]) >= 0.9999
