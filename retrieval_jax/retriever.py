@@ -8,12 +8,10 @@ rounded to multiples of the network stride), pads it into a shape bucket (height
 rounded up to ``bucket_step`` pixels, padding at the bottom and right, zeros in the normalised
 input space) and runs a fixed batch size, so a folder of photos of many sizes compiles one
 program per bucket shape, not one per image. The head pools only the valid feature-map cells
-(``ceil(h / stride) x ceil(w / stride)``). EfficientNet-Lite backbones also take the pixel mask
-and zero the input of every spatial convolution outside the valid region, so a bucketed image
-gets its unpadded descriptor (cosine >= 0.9999997 on 20 mixed-size photos in
-``tests/test_retriever.py``). ResNet/VGG backbones do not re-mask yet: for them the padding
-reaches the border cells through the receptive fields, except for images already at a bucket
-shape.
+(``ceil(h / stride) x ceil(w / stride)``), and the backbone zeroes the input of every spatial
+convolution and pool outside the real image, so a bucketed image gets its unpadded descriptor
+(cosine >= 0.9999 in ``tests/test_retriever.py``; exact up to float reassociation for
+EfficientNet-Lite, ResNet and VGG, approximate for AlexNet's 11x11/4 stem).
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ from retrieval_jax import multiscale
 from retrieval_jax.data.images import load_images, resize_to
 from retrieval_jax.models import BACKBONES, PRETRAINED, build_backbone, load_pretrained
 from retrieval_jax.models.common import preprocess
-from retrieval_jax.models.efficientnet_lite import EfficientNetLite
 from retrieval_jax.models.darac import DaracHead
 from retrieval_jax.models.heads import GlobalPoolHead, RegionalHead
 from retrieval_jax.models.remap import RemapHead
@@ -115,15 +112,10 @@ class Retriever:
     self.stride = max(self.tap_strides.values())
     self.compiled_shapes: set[tuple[int, ...]] = set()  # one XLA program per entry
 
-    # Backbones that take a pixel mask re-mask their spatial layers' inputs, so padding does not
-    # leak into the valid cells (EfficientNet-Lite); the others see the zero padding as image.
-    self.masks_backbone = isinstance(self.backbone, EfficientNetLite)
-
     def describe(variables, images, pixel_mask):
-      if self.masks_backbone:
-        maps = self.backbone.apply(variables["backbone"], images, mask=pixel_mask)
-      else:
-        maps = self.backbone.apply(variables["backbone"], images)
+      # Every backbone re-masks its spatial layers' inputs, so padding does not leak into the
+      # valid cells.
+      maps = self.backbone.apply(variables["backbone"], images, mask=pixel_mask)
       # Valid cells of a tap at stride s: ceil(h / s) x ceil(w / s), top-left.
       masks = [pixel_mask[:, ::self.tap_strides[t], ::self.tap_strides[t]] for t in self.taps]
       if self.config.pooling == "remap":

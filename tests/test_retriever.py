@@ -136,3 +136,17 @@ def test_regional_heads_extract_bucketed_like_unpadded(pooling):
     want = retriever.head.apply(retriever.variables["head"], maps[retriever.taps[0]])
   np.testing.assert_allclose(np.linalg.norm(got), 1.0, atol=1e-5)
   assert float(got @ np.asarray(want)[0]) >= 0.9999
+
+
+@pytest.mark.parametrize("backbone", ["tiny_resnet", "tiny_resnet_v2"])
+def test_resnet_backbones_are_masked_too(backbone):
+  retriever = Retriever.from_config({"backbone": backbone, "pretrained": False, "max_size": 160,
+                                     "bucket_step": 128, "batch_size": 2})
+  for size in ((90, 150), (130, 70)):  # -> 96x160 and 128x64 inputs, padded into buckets
+    image = resize_to(skimage_data.coffee(), size)
+    got = retriever.extract([image])[0]
+    x = preprocess(resize_to(image, retriever.input_size(size))[None], retriever.preprocessing)
+    maps = retriever.backbone.apply(retriever.variables["backbone"], x)
+    want = np.asarray(retriever.head.apply(retriever.variables["head"],
+                                           maps[retriever.taps[0]]))[0]
+    assert float(got @ want) >= 0.9999

@@ -478,3 +478,19 @@ def test_converter_wrong_shape():
   with pytest.raises(ValueError, match=r"fc8/bias: \(1000,\) != \(10,\)"):
     vgg.plain_from_torchvision(_fake_torchvision_state_dict("alexnet"), "alexnet",
                                num_classes=10)
+
+
+def test_mask_makes_a_padded_bucket_equal_the_unpadded_image(rng):
+  arch = vgg.PlainArch("tiny", (vgg.ConvSpec("c1", 4, 3), vgg.PoolSpec("p1", 2, 2),
+                                vgg.ConvSpec("c2", 5, 3), vgg.PoolSpec("p2", 2, 2),
+                                vgg.ConvSpec("c3", 6, 3)), classifier_pool=2, hidden=8)
+  model = vgg.ConvStack(arch, taps=("c3",))
+  variables = _random_variables(model, (1, 16, 16, 3))
+  image = rng.standard_normal((1, 12, 8, 3)).astype(np.float32)
+  bucket = np.full((1, 16, 16, 3), 7.0, np.float32)  # padding that would leak if unmasked
+  bucket[:, :12, :8] = image
+  mask = np.zeros((1, 16, 16), bool)
+  mask[:, :12, :8] = True
+  alone = _apply(model, variables, image)["c3"]
+  padded = jax.jit(lambda v, x, m: model.apply(v, x, mask=m))(variables, bucket, mask)["c3"]
+  np.testing.assert_allclose(padded[:, :3, :2], alone, rtol=1e-5, atol=1e-5)

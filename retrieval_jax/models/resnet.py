@@ -132,8 +132,13 @@ class ResidualBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """``[B, H, W, C_in] -> [B, ceil(H / stride), ceil(W / stride), C_out]``."""
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+               ) -> jax.Array:
+    """``[B, H, W, C_in] -> [B, ceil(H / stride), ceil(W / stride), C_out]``.
+
+    ``mask``: optional bool ``[B, H, W]`` of valid cells at the block's input resolution; the
+    input of every 3x3 convolution is zeroed outside it (see :class:`ResNet`).
+    """
     def bn(name: str):
       return batch_norm(self.norm, train, epsilon=self.epsilon, name=name, dtype=self.dtype,
                         momentum=self.momentum)
@@ -154,6 +159,10 @@ class ResidualBlock(nn.Module):
     preactivated = y
     for k, (features, kernel, stride, groups) in enumerate(convs, start=1):
       last = k == len(convs)
+      if mask is not None and kernel > 1:
+        y = y * mask[..., None].astype(y.dtype)
+      if mask is not None:
+        mask = mask[:, ::stride, ::stride]
       if self.preact and last:
         # v2's last convolution feeds the addition directly: no BN, and Keras gives it a bias.
         y = _conv(features, kernel, stride, name=f"conv{k}", dtype=self.dtype, groups=groups,
@@ -282,12 +291,18 @@ class ResNet(nn.Module):
     return out
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None):
     """Runs the network up to the last requested tap.
 
     Args:
       x: ``[B, H, W, 3]`` preprocessed images (see :attr:`preprocessing`).
       train: batch statistics in ``norm="train"`` mode (``batch_stats`` must then be mutable).
+      mask: optional bool ``[B, H, W]`` (pixels, top-left aligned): the real image inside a
+        padded shape bucket. The input of every spatial convolution and max pool is zeroed
+        outside the valid region at its resolution, so the padding acts like each layer's own
+        padding on the unpadded image (zeros; for post-ReLU max pools zeros equal torch's -inf
+        padding); with sides that are multiples of 32 the valid part of every map then equals
+        the unpadded image's map.
 
     Returns:
       ``[B, ceil(H/32), ceil(W/32), C]`` (the last stage's map, ``C = 2048`` for bottleneck
@@ -308,17 +323,26 @@ class ResNet(nn.Module):
 
     features: dict[str, jax.Array] = {}
     x = jnp.asarray(x, self.dtype)
+    if mask is not None:
+      x = x * jnp.asarray(mask, bool)[..., None].astype(x.dtype)
+      mask = jnp.asarray(mask, bool)[:, ::2, ::2]  # at the stem conv's stride
+
+    def masked(v):
+      return v if mask is None else v * mask[..., None].astype(v.dtype)
+
     if self.preact:
       # Keras: conv1_pad (3) + conv1_conv with bias, no norm; pool1_pad pads with *zeros*.
       x = _conv(self.stem_width, 7, 2, name="conv1", dtype=self.dtype, bias=True)(x)
-      x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      x = jnp.pad(masked(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
       x = nn.max_pool(x, (3, 3), (2, 2), padding="VALID")
     else:
       x = _conv(self.stem_width, 7, 2, name="conv1", dtype=self.dtype,
                 bias=self.norm == "folded")(x)
       x = nn.relu(bn("conv1_bn")(x))
       # torch pads the pool with -inf (flax's max_pool does too).
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = nn.max_pool(masked(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    if mask is not None:
+      mask = mask[:, ::2, ::2]
     features["stem"] = x
 
     for s, (blocks, stride) in enumerate(zip(self.stage_sizes, self.stage_strides())):
@@ -337,7 +361,9 @@ class ResNet(nn.Module):
                           width_per_group=self.width_per_group, preact=self.preact,
                           norm=self.norm, epsilon=self.epsilon,
                           momentum=self.momentum, dtype=self.dtype,
-                          name=f"stage{s + 1}_block{b}")(x, train)
+                          name=f"stage{s + 1}_block{b}")(x, train, mask)
+        if mask is not None:
+          mask = mask[:, ::block_stride, ::block_stride]
       if self.preact and s == n_stages - 1:
         x = nn.relu(bn("post_bn")(x))
       features[f"stage{s + 1}"] = x

@@ -244,13 +244,17 @@ class ConvStack(nn.Module):
     return spec.last_pool if self.keep_last_pool else spec.last_conv
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None):
     """Runs the stack.
 
     Args:
       x: ``[B, H, W, C_in]`` preprocessed images (see the module docstring for which
         preprocessing goes with which weights).
       train: enables the classifier's dropout (no effect on convolutions and pools).
+      mask: optional bool ``[B, H, W]`` (pixels, top-left aligned) of the real image in a padded
+        shape bucket: every convolution's input is zeroed outside the valid region at its
+        resolution, so padding acts like the layer's own zero padding (exact for VGG with sides
+        that are multiples of 32; AlexNet's 11x11/4 stem is only approximately aligned).
 
     Returns:
       The default map ``[B, H', W', C]``, or a dict of taps.
@@ -267,11 +271,14 @@ class ConvStack(nn.Module):
     features: dict[str, jax.Array] = {}
     input_shape = tuple(np.shape(x))
     x = jnp.asarray(x, self.dtype)
+    mask = None if mask is None else jnp.asarray(mask, bool)
 
     for layer in spec.layers:
       if not remaining:
         break  # taps are static: nothing after the last requested one is built or run
       if isinstance(layer, ConvSpec):
+        if mask is not None:
+          x = x * mask[..., None].astype(x.dtype)
         pad = ((layer.padding, layer.padding),) * 2
         x = nn.Conv(layer.features, (layer.kernel, layer.kernel), (layer.stride, layer.stride),
                     padding=pad, dtype=self.dtype, param_dtype=jnp.float32, name=layer.name)(x)
@@ -279,6 +286,8 @@ class ConvStack(nn.Module):
       else:
         x = nn.max_pool(x, (layer.window, layer.window), (layer.stride, layer.stride),
                         padding="VALID")
+      if mask is not None and layer.stride > 1:
+        mask = mask[:, ::layer.stride, ::layer.stride]
       if 0 in x.shape[1:3]:
         raise ValueError(f"{spec.name}: input of shape {input_shape} is too small; {layer.name} "
                          f"has an empty output {x.shape}.")
