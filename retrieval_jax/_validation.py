@@ -40,3 +40,10 @@ def check_finite(name: str, x) -> None:
     raise ValueError(
         f"{name} must be finite; it has {int(bad.sum())} NaN/inf value(s), the first at index "
         f"{first}.")
+
+
+def check_positive_int(name: str, value) -> int:
+  """Returns ``value`` as an int, raising unless it is an integer >= 1 (``True`` is refused)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+  return int(value)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retrieval_jax._validation import check_finite, check_ndim, is_concrete
+from retrieval_jax._validation import (check_finite, check_ndim, check_positive_int,
+                                       is_concrete)
 from retrieval_jax.normalization import L2_EPS, l2n
 
 CombineMethod = Literal["sum", "weighted", "gem"]
@@ -33,12 +34,6 @@ REMAP_WEIGHTS = (2.0, 1.4)  # REMAP Eq. 3: X = 2 X1 + 1.4 X2
 
 # A scale up to this value is a factor of the image size; above it, a long side in pixels.
 RELATIVE_SCALE_LIMIT = 4.0
-
-
-def _check_positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-  return int(value)
 
 
 def _fit_long_side(height: int, width: int, long_side: int) -> tuple[int, int]:
@@ -85,8 +80,8 @@ def scale_sizes(image_hw: tuple[int, int], scales: Sequence[float],
   """
   if not isinstance(image_hw, (tuple, list, np.ndarray)) or len(image_hw) != 2:
     raise ValueError(f"image_hw must be a (height, width) pair; got {image_hw!r}.")
-  height = _check_positive_int("image_hw[0]", image_hw[0])
-  width = _check_positive_int("image_hw[1]", image_hw[1])
+  height = check_positive_int("image_hw[0]", image_hw[0])
+  width = check_positive_int("image_hw[1]", image_hw[1])
   if isinstance(scales, (str, bytes)) or not isinstance(scales, (Sequence, np.ndarray)):
     raise ValueError(f"scales must be a sequence of positive numbers; got {scales!r}.")
   if len(scales) == 0:
@@ -96,7 +91,7 @@ def scale_sizes(image_hw: tuple[int, int], scales: Sequence[float],
         not math.isfinite(s) or s <= 0):
       raise ValueError(f"scales[{i}] must be a finite positive number; got {s!r}.")
   if max_size is not None:
-    max_size = _check_positive_int("max_size", max_size)
+    max_size = check_positive_int("max_size", max_size)
 
   base_h, base_w = height, width
   if max_size is not None and max(height, width) > max_size:

@@ -20,18 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retrieval_jax._validation import is_concrete
+from retrieval_jax._validation import check_positive_int, is_concrete
 
 # Candidate numbers of window positions on the long side of the map, and the overlap the grid
 # aims for between neighbouring windows (Tolias et al.).
 _LONG_SIDE_STEPS = np.arange(2, 8, dtype=np.float32)
 _TARGET_OVERLAP = np.float32(0.4)
-
-
-def _check_positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-  return int(value)
 
 
 def _level_starts(extent: int, window: int, count: int) -> np.ndarray:
@@ -98,8 +92,8 @@ def rmac_regions(height: int, width: int, levels: int = 3) -> np.ndarray:
     int32 ``[R, 4]`` rows ``(x, y, w, h)`` in cells, read-only (cached per ``(H, W, L)``).
     ``R - 1`` is REMAP Table I's count: 8, 20, 40, 70 on a 24x32 map for L = 2, 3, 4, 5.
   """
-  return _rmac_grid(_check_positive_int("height", height), _check_positive_int("width", width),
-                    _check_positive_int("levels", levels))
+  return _rmac_grid(check_positive_int("height", height), check_positive_int("width", width),
+                    check_positive_int("levels", levels))
 
 
 @functools.lru_cache(maxsize=16)
@@ -121,9 +115,9 @@ def rmac_region_table(max_height: int, max_width: int,
     ``rmac_regions(h, w, levels)`` and padding rows are ``(0, 0, 1, 1)``; and ``valid`` bool
     ``[H, W, R_max]`` marking the real rows.
   """
-  max_height = _check_positive_int("max_height", max_height)
-  max_width = _check_positive_int("max_width", max_width)
-  levels = _check_positive_int("levels", levels)
+  max_height = check_positive_int("max_height", max_height)
+  max_width = check_positive_int("max_width", max_width)
+  levels = check_positive_int("levels", levels)
   grids = [[_rmac_grid(h, w, levels) for w in range(1, max_width + 1)]
            for h in range(1, max_height + 1)]
   r_max = max(len(g) for row in grids for g in row)
@@ -183,7 +177,7 @@ def table_index(mask) -> tuple[jax.Array, jax.Array]:
 
 def grid_region_count(levels: int, include_full_map: bool) -> int:
   """Regions of :func:`fixed_rmac_regions`: ``L (L + 1) (L + 2) / 3`` (+ 1 with the full map)."""
-  levels = _check_positive_int("levels", levels)
+  levels = check_positive_int("levels", levels)
   return levels * (levels + 1) * (levels + 2) // 3 + int(bool(include_full_map))
 
 
@@ -216,8 +210,8 @@ def fixed_rmac_regions(height: int, width: int, levels: int = 4,
   Returns:
     int32 ``[R, 4]`` rows ``(x, y, w, h)``, read-only.
   """
-  grid = _fixed_grid(_check_positive_int("height", height), _check_positive_int("width", width),
-                     _check_positive_int("levels", levels))
+  grid = _fixed_grid(check_positive_int("height", height), check_positive_int("width", width),
+                     check_positive_int("levels", levels))
   return grid if include_full_map else grid[1:]
 
 
@@ -232,8 +226,8 @@ def fixed_rmac_region_table(max_height: int, max_width: int, levels: int = 4,
   Returns:
     int32 ``[max_height, max_width, R, 4]``, read-only.
   """
-  max_height = _check_positive_int("max_height", max_height)
-  max_width = _check_positive_int("max_width", max_width)
+  max_height = check_positive_int("max_height", max_height)
+  max_width = check_positive_int("max_width", max_width)
   table = np.stack([
       np.stack([fixed_rmac_regions(h, w, levels, include_full_map)
                 for w in range(1, max_width + 1)]) for h in range(1, max_height + 1)])
@@ -287,10 +281,10 @@ def boxes_to_cells(boxes, image_size: tuple[int, int], map_size: tuple[int, int]
     int32 ``[..., 4]`` rows ``(x, y, w, h)`` in cells (numpy for concrete input, a jax array
     under tracing).
   """
-  img_h, img_w = (_check_positive_int("image_size[0]", image_size[0]),
-                  _check_positive_int("image_size[1]", image_size[1]))
-  map_h, map_w = (_check_positive_int("map_size[0]", map_size[0]),
-                  _check_positive_int("map_size[1]", map_size[1]))
+  img_h, img_w = (check_positive_int("image_size[0]", image_size[0]),
+                  check_positive_int("image_size[1]", image_size[1]))
+  map_h, map_w = (check_positive_int("map_size[0]", map_size[0]),
+                  check_positive_int("map_size[1]", map_size[1]))
   if np.ndim(boxes) < 1 or np.shape(boxes)[-1] != 4:
     raise ValueError(
         f"boxes must have shape [..., 4] with rows (x0, y0, x1, y1); got shape "

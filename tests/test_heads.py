@@ -14,6 +14,7 @@ from retrieval_jax.models.heads import (GlobalPoolHead, RegionalHead, learn_head
 from retrieval_jax.models.whitening_layer import whitening_params
 from retrieval_jax.regions import rmac_regions
 from retrieval_jax.whitening import learn_lw, learn_pca_whitening
+from strategies import padded_bucket
 
 KEY = jax.random.PRNGKey(0)
 
@@ -161,19 +162,8 @@ def test_global_head_lw_whitening():
 _BUCKET = (3, 8, 9, 3)
 
 
-@st.composite
-def _bucket(draw):
-  """Three images of different valid sizes padded bottom/right into one bucket; the padding
-  holds large values, so any leak through the mask shows."""
-  batch, height, width, channels = _BUCKET
-  sizes = [(draw(st.integers(1, height)), draw(st.integers(1, width))) for _ in range(batch)]
-  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-  x = (50.0 + rng.random(_BUCKET)).astype(np.float32)
-  mask = np.zeros(_BUCKET[:3], bool)
-  for b, (h, w) in enumerate(sizes):
-    x[b, :h, :w] = 0.1 + rng.random((h, w, channels))
-    mask[b, :h, :w] = True
-  return x, mask, sizes
+def _bucket():
+  return padded_bucket(_BUCKET, lambda rng, shape: 0.1 + rng.random(shape))
 
 
 def _random_whitening(rng, c, d):
@@ -198,7 +188,7 @@ _REGIONAL_MASKED = {pooling: jax.jit(lambda x, m, pooling=pooling, head=head: he
 
 @given(_bucket())
 def test_masked_global_head_equals_unpadded(bucket):
-  x, mask, sizes = bucket
+  x, mask, sizes, _ = bucket
   padded = np.asarray(_GLOBAL_MASKED(x, mask))
   whiten = _np(_GLOBAL_VARS["params"]["whiten"])
   for b, (h, w) in enumerate(sizes):
@@ -209,7 +199,7 @@ def test_masked_global_head_equals_unpadded(bucket):
 
 @given(_bucket(), st.sampled_from(["max", "gem"]))
 def test_masked_regional_head_uses_each_images_own_grid(bucket, pooling):
-  x, mask, sizes = bucket
+  x, mask, sizes, _ = bucket
   padded = np.asarray(_REGIONAL_MASKED[pooling](x, mask))
   whiten = _np(_REGIONAL_VARS[pooling]["params"]["whiten"])
   for b, (h, w) in enumerate(sizes):

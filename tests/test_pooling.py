@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 
 from retrieval_jax import pooling
 from retrieval_jax.regions import rmac_regions
+from strategies import padded_bucket
 
 
 def _gem_ref(x, p=3.0, eps=1e-6):
@@ -118,19 +119,8 @@ _MASKED_REGIONAL = {m: jax.jit(lambda x, r, k, m=m: pooling.regional_pool(x, r, 
                     for m in ("max", "avg", "gem")}
 
 
-@st.composite
-def _bucket(draw):
-  """Three images of different valid sizes, padded bottom/right into one bucket."""
-  batch, height, width, channels = _BUCKET
-  sizes = [(draw(st.integers(1, height)), draw(st.integers(1, width))) for _ in range(batch)]
-  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-  # Padding holds large values, so any leak through the mask changes the result.
-  x = (50.0 + rng.random(_BUCKET)).astype(np.float32)
-  mask = np.zeros(_BUCKET[:3], bool)
-  for b, (h, w) in enumerate(sizes):
-    x[b, :h, :w] = np.maximum(rng.standard_normal((h, w, channels)), 0)
-    mask[b, :h, :w] = True
-  return x, mask, sizes, rng
+def _bucket():
+  return padded_bucket(_BUCKET, lambda rng, shape: np.maximum(rng.standard_normal(shape), 0))
 
 
 def _crop(x, b, size):
