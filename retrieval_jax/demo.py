@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from retrieval_jax import metrics, pooling, rerank, whitening
+from retrieval_jax.data.buckets import pad_batch
 from retrieval_jax.normalization import l2n
 
 
@@ -122,16 +123,6 @@ class _Simulator:
     return fmap.astype(np.float32), box, float(visible)
 
 
-def _bucket(maps: list[np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """Pads maps bottom/right into ``[N, H, W, C]`` with a validity mask ``[N, H, W]``."""
-  out = np.zeros((len(maps),) + shape + maps[0].shape[-1:], np.float32)
-  mask = np.zeros((len(maps),) + shape, bool)
-  for i, m in enumerate(maps):
-    out[i, :m.shape[0], :m.shape[1]] = m
-    mask[i, :m.shape[0], :m.shape[1]] = True
-  return out, mask
-
-
 _DESCRIPTORS = {
     "GeM": jax.jit(lambda x, m: l2n(pooling.gem(x, mask=m))),
     "R-MAC": jax.jit(lambda x, m: l2n(pooling.rmac(x, mask=m))),
@@ -142,9 +133,8 @@ def _describe(name: str, maps: list[np.ndarray], shape: tuple[int, int],
               batch: int = 64) -> np.ndarray:
   out = []
   for start in range(0, len(maps), batch):
-    chunk = maps[start:start + batch]
-    chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # a fixed batch: one compilation
-    x, mask = _bucket(chunk, shape)
+    # A fixed batch shape: one compilation per bucket.
+    x, mask = pad_batch(maps[start:start + batch], shape, batch, dtype=np.float32)
     out.append(np.asarray(_DESCRIPTORS[name](x, mask)))
   return np.concatenate(out)[:len(maps)]
 

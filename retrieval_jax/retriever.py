@@ -3,10 +3,12 @@
 >>> retriever = Retriever.from_pretrained("efficientnet-lite0", pooling="gem")
 >>> descriptors = retriever.extract(["a.jpg", "b.png"], max_size=1024)   # [2, D], unit rows
 
-Extraction resizes each image (long side ``max_size``, never enlarged, then each scale; sides
-rounded to multiples of the network stride), pads it into a shape bucket (height and width
-rounded up to ``bucket_step`` pixels, padding at the bottom and right, zeros in the normalised
-input space) and runs a fixed batch size, so a folder of photos of many sizes compiles one
+Extraction decodes and resizes in worker threads (:class:`data.loader.BatchLoader`) while the
+device runs the previous batch: each image (cropped to its query box if given) is resized (long
+side ``max_size``, never enlarged, then each scale; sides rounded to multiples of the network
+stride), padded into a shape bucket (:mod:`data.buckets`: height and width rounded up to
+``bucket_step`` pixels, padding at the bottom and right, zeros in the normalised input space)
+and run at a fixed batch size, so a folder of photos of many sizes compiles one
 program per bucket shape, not one per image. The head pools only the valid feature-map cells
 (``ceil(h / stride) x ceil(w / stride)``), and the backbone zeroes the input of every spatial
 convolution and pool outside the real image, so a bucketed image gets its unpadded descriptor
@@ -30,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from retrieval_jax import multiscale
-from retrieval_jax.data.images import load_images, resize_to
+from retrieval_jax.data.loader import BatchLoader
 from retrieval_jax.models import BACKBONES, PRETRAINED, build_backbone, load_pretrained
 from retrieval_jax.models.common import preprocess
 from retrieval_jax.models.darac import DaracHead
@@ -112,7 +114,10 @@ class Retriever:
     self.stride = max(self.tap_strides.values())
     self.compiled_shapes: set[tuple[int, ...]] = set()  # one XLA program per entry
 
-    def describe(variables, images, pixel_mask):
+    def describe(variables, pixels, pixel_mask):
+      # uint8 [B, H, W, 3] in (a quarter of float32's bytes to copy), normalised here; the
+      # padding is zero in the normalised space.
+      images = jnp.where(pixel_mask[..., None], preprocess(pixels, self.preprocessing), 0.0)
       # Every backbone re-masks its spatial layers' inputs, so padding does not leak into the
       # valid cells.
       maps = self.backbone.apply(variables["backbone"], images, mask=pixel_mask)
@@ -218,29 +223,30 @@ class Retriever:
     s = self.stride
     return int(round(h / s)) * s, int(round(w / s)) * s
 
-  def _bucket(self, height: int, width: int) -> tuple[int, int]:
-    step = self.config.bucket_step
-    return -(-height // step) * step, -(-width // step) * step
-
-  def _describe_batch(self, images: list[np.ndarray], bucket: tuple[int, int],
-                      batch_size: int) -> np.ndarray:
-    """Descriptors of same-bucket images, padded to the bucket and to a full batch."""
-    x = np.zeros((batch_size, *bucket, 3), np.float32)
-    pixel_mask = np.zeros((batch_size, *bucket), bool)
-    for i, image in enumerate(images):
-      h, w = image.shape[:2]
-      x[i, :h, :w] = np.asarray(preprocess(image[None], self.preprocessing))[0]
-      pixel_mask[i, :h, :w] = True
-    # Padding rows of the batch get one valid pixel, so no NaN can come from an empty mask.
-    pixel_mask[len(images):, 0, 0] = True
-    self.compiled_shapes.add(x.shape)
-    return np.asarray(self._describe(self.variables, jnp.asarray(x),
-                                     jnp.asarray(pixel_mask)))[:len(images)]
+  def _input_sizes(self, index: int, image_hw: tuple[int, int], scales: tuple[float, ...],
+                   max_size: int) -> list[tuple[int, int]]:
+    """:meth:`input_size` at each scale, refusing an image that vanishes at one of them."""
+    sizes = []
+    for scale in scales:
+      size = self.input_size(image_hw, scale, max_size)
+      if min(size) < self.stride:
+        raw = multiscale.scale_sizes(image_hw, (scale,), max_size)[0]
+        raise ValueError(
+            f"images_or_paths[{index}] is {raw[0]}x{raw[1]} px after resizing (max_size "
+            f"{max_size}, scale {scale}), smaller than half the network stride {self.stride} "
+            f"on one side; use a larger max_size or drop it.")
+      sizes.append(size)
+    return sizes
 
   def extract(self, images_or_paths: Sequence[Any], max_size: int | None = None,
               scales: Sequence[float] | None = None, batch_size: int | None = None, *,
-              skip_unreadable: bool = False) -> np.ndarray:
+              boxes: Any = None, skip_unreadable: bool = False,
+              num_workers: int = 2) -> np.ndarray:
     """Descriptors of photos, in input order.
+
+    Worker threads decode and resize (:class:`data.loader.BatchLoader`) while the device runs
+    the previous batch; batches are padded ``uint8`` shape buckets (:mod:`data.buckets`),
+    normalised on the device with the padding set to zero.
 
     Args:
       images_or_paths: file paths and/or RGB ``uint8 [H, W, 3]`` arrays.
@@ -249,8 +255,12 @@ class Retriever:
         :func:`retrieval_jax.multiscale.scale_sizes`); several are combined as the config's
         ``multiscale`` says (GeM with the head's p by default, as cirtorch).
       batch_size: images per program run; default from the config.
+      boxes: optional ``[N, 4]`` ``(x0, y0, x1, y1)`` crops of the stored images (revisitop
+        query boxes; NaN rows: whole image), cropped before resizing as cirtorch does
+        (:func:`data.transforms.crop_box`).
       skip_unreadable: skip unreadable files (listed in ``self.last_failures``) instead of
         raising; their rows are then absent from the result.
+      num_workers: decoding threads (0: decode in the calling thread).
 
     Returns:
       float32 ``[N, D]`` L2-normalised rows.
@@ -263,42 +273,27 @@ class Retriever:
     max_size = cfg.max_size if max_size is None else max_size
     scales = tuple(cfg.scales if scales is None else scales)
     batch_size = cfg.batch_size if batch_size is None else batch_size
-    paths = [(i, p) for i, p in enumerate(images_or_paths) if not isinstance(p, np.ndarray)]
-    loaded, kept, self.last_failures = load_images([p for _, p in paths],
-                                                   skip_unreadable=skip_unreadable)
-    decoded = {paths[k][0]: image for k, image in zip(kept, loaded)}
-    images = [(i, decoded[i] if i in decoded else np.asarray(item))
-              for i, item in enumerate(images_or_paths)
-              if isinstance(item, np.ndarray) or i in decoded]
-    for i, image in images:
-      if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"images_or_paths[{i}] must be an RGB uint8 [H, W, 3] array; got "
-                         f"{image.dtype} {image.shape}.")
-
-    per_scale = []
-    for scale in scales:
-      resized = []
-      for i, image in images:
-        size = self.input_size(image.shape[:2], scale, max_size)
-        if min(size) < self.stride:
-          raw = multiscale.scale_sizes(image.shape[:2], (scale,), max_size)[0]
-          raise ValueError(
-              f"images_or_paths[{i}] is {raw[0]}x{raw[1]} px after resizing (max_size "
-              f"{max_size}, scale {scale}), smaller than half the network stride {self.stride} "
-              f"on one side; use a larger max_size or drop it.")
-        resized.append(resize_to(image, size))
-      out = np.zeros((len(resized), 0), np.float32)
-      groups: dict[tuple[int, int], list[int]] = {}
-      for j, image in enumerate(resized):
-        groups.setdefault(self._bucket(*image.shape[:2]), []).append(j)
-      rows: dict[int, np.ndarray] = {}
-      for bucket, members in sorted(groups.items()):
-        for start in range(0, len(members), batch_size):
-          chunk = members[start:start + batch_size]
-          described = self._describe_batch([resized[j] for j in chunk], bucket, batch_size)
-          rows.update(zip(chunk, described))
-      out = np.stack([rows[j] for j in range(len(resized))]) if resized else out
-      per_scale.append(out)
+    loader = BatchLoader(
+        images_or_paths, batch_size=batch_size, step=cfg.bucket_step, boxes=boxes,
+        sizes_fn=lambda i, hw: self._input_sizes(i, hw, scales, max_size),
+        num_workers=num_workers, skip_unreadable=skip_unreadable, device_put=True,
+        name="images_or_paths")
+    rows: list[dict[int, np.ndarray]] = [{} for _ in scales]
+    running: list[tuple[Any, Any]] = []  # (batch, descriptors still on the device)
+    for batch in loader:
+      self.compiled_shapes.add(tuple(batch.x.shape))
+      # Dispatch is asynchronous: the host fetches the previous batch's descriptors (and the
+      # loader prepares the next batch) while the device computes this one.
+      running.append((batch, self._describe(self.variables, batch.x, batch.mask)))
+      while len(running) > 1:
+        done, out = running.pop(0)
+        rows[done.view].update(zip(done.indices, np.asarray(out)))
+    for done, out in running:
+      rows[done.view].update(zip(done.indices, np.asarray(out)))
+    self.last_failures = loader.failures
+    kept = sorted(rows[0])  # the input positions that were read, in input order
+    per_scale = [np.stack([r[i] for i in kept]) if kept else np.zeros((0, 0), np.float32)
+                 for r in rows]
     if len(per_scale) == 1:
       return per_scale[0]
     p = None

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retrieval_jax.data.buckets import bucket_shape
 from retrieval_jax.data.images import ImageReadError, resize_to
+from retrieval_jax.data.transforms import crop_box
 from retrieval_jax.models.common import preprocess
 from retrieval_jax.retriever import Retriever
 
@@ -54,8 +56,9 @@ def test_mixed_sizes_compile_few_programs_and_match_unpadded(retriever, photos):
   # The unpadded reference compiles one program per size: check three images at a bucket
   # shape and four padded ones (each reference is a separate compilation, so keep it few).
   sizes = [retriever.input_size(image.shape[:2]) for image in photos]
-  at_bucket = [i for i, s in enumerate(sizes) if s == retriever._bucket(*s)][:3]
-  padded = [i for i, s in enumerate(sizes) if s != retriever._bucket(*s)][:4]
+  step = retriever.config.bucket_step
+  at_bucket = [i for i, s in enumerate(sizes) if s == bucket_shape(*s, step)][:3]
+  padded = [i for i, s in enumerate(sizes) if s != bucket_shape(*s, step)][:4]
   assert at_bucket and len(padded) == 4
   for i in at_bucket:
     np.testing.assert_allclose(descriptors[i], _unpadded(retriever, photos[i]), atol=1e-5)
@@ -70,6 +73,15 @@ def test_known_classes_are_closer_than_other_photos(retriever):
   d = retriever.extract([cat, coffee, astronaut, cat[20:260, 30:400]])
   sims = d @ d.T
   assert sims[0, 3] > sims[0, 1] and sims[0, 3] > sims[0, 2]  # a crop of the cat is its best match
+
+
+def test_query_boxes_crop_the_stored_image_before_resizing(retriever):
+  cat = skimage_data.chelsea()  # 300x451
+  box = (30.4, 20.5, 400.6, 260.5)  # Pillow rounds to (30, 20, 401, 260)
+  d = retriever.extract([cat, cat], boxes=[box, (np.nan,) * 4])
+  np.testing.assert_allclose(d[0], retriever.extract([cat[20:260, 30:401]])[0], atol=1e-6)
+  np.testing.assert_allclose(d[1], retriever.extract([cat])[0], atol=1e-6)  # NaN: whole image
+  np.testing.assert_array_equal(crop_box(cat, box), cat[20:260, 30:401])
 
 
 def test_save_load_round_trip_and_multiscale(retriever, tmp_path):

@@ -8,8 +8,8 @@ or image file paths. A list works; so does a lazy sequence that decodes on ``__g
 TFDS data source, a million-image folder), which is why the containers never copy ``images``.
 
 Boxes are pixel coordinates ``(x0, y0, x1, y1)`` of the image as stored (before any resizing),
-as the revisitop ``bbx`` field; ``x1``/``y1`` are exclusive-ish float edges, so a crop is
-``image[floor(y0):ceil(y1), floor(x0):ceil(x1)]``.
+as the revisitop ``bbx`` field; a crop is ``data.transforms.crop_box(image, box)``: Pillow's
+``img.crop(bbx)``, each coordinate rounded half-to-even, as cirtorch crops revisitop queries.
 """
 
 from __future__ import annotations
