@@ -8,6 +8,8 @@ The functional core, importable as submodules or from here:
 - ``distances``: pairwise / paired distances with safe gradients, exact chunked top-k.
 - ``rerank``: alpha query expansion, average query expansion, database-side augmentation.
 - ``metrics``: Oxford mAP, clipped mP@k, revisited E/M/H, Holidays, UKBench N-S, recall@k.
+- ``losses``: contrastive, double-margin, triplet, batch-hard/all, LRML, NRA, DLRTN joint,
+  Smooth-AP (each with a validity mask for padded batches).
 - ``multiscale``: combining descriptors of several scales; ``kl_weighting``: REMAP's KL region
   weights.
 
@@ -16,8 +18,8 @@ Backbones, heads and weight converters live in :mod:`retrieval_jax.models`; ``Re
 in :mod:`retrieval_jax.retriever`.
 """
 
-from retrieval_jax import (distances, kl_weighting, metrics, multiscale, normalization, pooling,
-                           regions, rerank, whitening)
+from retrieval_jax import (distances, kl_weighting, losses, metrics, multiscale, normalization,
+                           pooling, regions, rerank, whitening)
 from retrieval_jax.distances import (paired_cosine_similarity, paired_euclidean,
                                      paired_squared_euclidean, pairwise_cosine_distance,
                                      pairwise_cosine_similarity, pairwise_euclidean,
@@ -50,7 +52,7 @@ __all__ = [
     "Retriever", "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
     "combine_scales", "compute_map", "database_side_augmentation", "distances",
     "estimate_region_weights", "exclude_query_gnd", "fixed_rmac_regions", "gem", "kl_weighting",
-    "multiscale",
+    "losses", "multiscale",
     "region_kl_divergence", "scale_sizes",
     "hit_rate_at_k", "holidays_map", "l2n", "learn_lw", "learn_pca_whitening", "mac", "metrics",
     "normalization", "original_gnd", "paired_cosine_similarity", "paired_euclidean",

@@ -42,7 +42,7 @@ def _check_rows(a, b, *, paired: bool) -> tuple[jax.Array, jax.Array]:
   return jnp.asarray(a), jnp.asarray(b)
 
 
-def _safe_sqrt(squared: jax.Array) -> jax.Array:
+def safe_sqrt(squared: jax.Array) -> jax.Array:
   """``sqrt`` whose gradient is 0 (not NaN) where ``squared`` is 0.
 
   ``d sqrt(s)/ds = 1/(2 sqrt(s))`` is infinite at 0 and the chain rule turns it into NaN. The
@@ -95,7 +95,7 @@ def pairwise_euclidean(a: jax.Array, b: jax.Array | None = None) -> jax.Array:
   Returns:
     float ``[N, M]``, entry ``(i, j) = ||a_i - b_j||_2``.
   """
-  return _safe_sqrt(pairwise_squared_euclidean(a, b))
+  return safe_sqrt(pairwise_squared_euclidean(a, b))
 
 
 def pairwise_cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -157,7 +157,7 @@ def paired_euclidean(a: jax.Array, b: jax.Array) -> jax.Array:
   Returns:
     float ``[N]``, ``||a_i - b_i||_2``; where ``a_i == b_i`` the gradient is 0, not NaN.
   """
-  return _safe_sqrt(paired_squared_euclidean(a, b))
+  return safe_sqrt(paired_squared_euclidean(a, b))
 
 
 def paired_cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ from retrieval_jax.models import convert, darac, heads, remap, resnet, vgg
 from retrieval_jax.models.common import NORM_MODES, fold_batch_norm, preprocess
 from retrieval_jax.models.darac import (DaracHead, aggregation_parameter_count,
                                         darac_init_whitening, fold_darac_batch_norm)
+from retrieval_jax.models.dlrtn_classifier import DLRTNClassifier
 from retrieval_jax.models.efficientnet_lite import EfficientNetLite
 from retrieval_jax.models.heads import (GlobalPoolHead, RegionalHead, learn_head_whitening,
                                         replace_whitening)
@@ -76,7 +77,7 @@ def build_backbone(name: str, **options: Any) -> nn.Module:
 
 
 __all__ = [
-    "BACKBONES", "BackboneInfo", "DaracHead", "EfficientNetLite", "GlobalPoolHead", "NORM_MODES",
+    "BACKBONES", "BackboneInfo", "DLRTNClassifier", "DaracHead", "EfficientNetLite", "GlobalPoolHead", "NORM_MODES",
     "PRETRAINED", "RegionalHead", "RemapHead", "UnsafeCheckpointError", "Whitening",
     "aggregation_parameter_count", "build_backbone", "convert", "darac", "darac_init_whitening",
     "effective_klw", "fixed_rmac_regions", "fold_batch_norm", "fold_darac_batch_norm", "heads",
