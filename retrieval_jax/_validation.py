@@ -30,7 +30,10 @@ def check_ndim(name: str, x, ndim: int | Sequence[int], layout: str = "") -> Non
 
 def check_finite(name: str, x) -> None:
   """Raises if a concrete ``x`` holds NaN or infinite values (no-op under tracing)."""
-  if not is_concrete(x) or not np.issubdtype(np.result_type(x), np.inexact):
+  if not is_concrete(x):
+    return
+  # x.dtype, not np.result_type(x): numpy deprecates reading a dtype off a jax array.
+  if not np.issubdtype(x.dtype if hasattr(x, "dtype") else np.result_type(x), np.inexact):
     return
   if isinstance(x, jax.Array) and bool(jax.numpy.isfinite(x).all()):
     return  # reduced on the device: no host copy of a large device-resident array

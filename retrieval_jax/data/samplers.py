@@ -261,7 +261,8 @@ def ranked_negatives(distances: ArrayLike, pool_cluster_ids: ArrayLike,
 
   Args:
     distances: float ``[Q, M]``, query-to-pool distances (smaller = nearer); no NaN.
-    pool_cluster_ids: int ``[M]``, the cluster of each pool image.
+    pool_cluster_ids: int ``[M]``, the cluster of each pool image, or ``[Q, M]`` when every
+      query has its own candidate list (a per-query shortlist, as ``mining.mine_negatives``).
     query_cluster_ids: int ``[Q]``, the cluster of each query.
     max_negatives: keep at most this many per query; None keeps all.
 
@@ -271,11 +272,16 @@ def ranked_negatives(distances: ArrayLike, pool_cluster_ids: ArrayLike,
     ``max_negatives`` or, when None, the most any query has.
   """
   d = np.asarray(distances)
-  pool_ids = _check_cluster_ids(pool_cluster_ids, "pool_cluster_ids")
+  pool_ids = np.asarray(pool_cluster_ids)
+  per_row = pool_ids.ndim == 2
+  pool_ids = (_check_cluster_ids(pool_ids.reshape(-1), "pool_cluster_ids").reshape(pool_ids.shape)
+              if per_row else _check_cluster_ids(pool_ids, "pool_cluster_ids"))
   query_ids = _check_cluster_ids(query_cluster_ids, "query_cluster_ids")
-  if d.ndim != 2 or d.shape != (query_ids.size, pool_ids.size):
-    raise ValueError(f"distances must be float [Q={query_ids.size}, M={pool_ids.size}] "
-                     f"(queries x pool); got shape {d.shape}.")
+  if d.ndim != 2 or d.shape[0] != query_ids.size or d.shape != (
+      pool_ids.shape if per_row else (query_ids.size, pool_ids.size)):
+    raise ValueError(f"distances must be float [Q={query_ids.size}, M] (queries x pool) with "
+                     f"pool_cluster_ids [M] or [Q, M]; got distances {d.shape} and "
+                     f"pool_cluster_ids {pool_ids.shape}.")
   if np.isnan(d).any():
     raise ValueError(f"distances holds NaN at (query, pool) {np.argwhere(np.isnan(d))[0].tolist()}"
                      f"; describe every image before mining.")
@@ -283,8 +289,8 @@ def ranked_negatives(distances: ArrayLike, pool_cluster_ids: ArrayLike,
     max_negatives = _check_int("max_negatives", max_negatives, 1)
   n_q, n_pool = d.shape
   # Compact cluster numbers over pool and queries, so (row, cluster) keys fit in an int64.
-  _, both = np.unique(np.concatenate([pool_ids, query_ids]), return_inverse=True)
-  pool_c, query_c = both[:n_pool], both[n_pool:]
+  _, both = np.unique(np.concatenate([pool_ids.reshape(-1), query_ids]), return_inverse=True)
+  pool_c, query_c = both[:pool_ids.size].reshape(pool_ids.shape), both[pool_ids.size:]
   n_c = int(both.max()) + 1 if both.size else 1
 
   positions, values = [], []
@@ -293,7 +299,8 @@ def ranked_negatives(distances: ArrayLike, pool_cluster_ids: ArrayLike,
     block = d[start:start + chunk]
     rows = len(block)
     order = np.argsort(block, axis=1, kind="stable")  # nearest first, lower index on ties
-    clusters = pool_c[order]
+    clusters = (np.take_along_axis(pool_c[start:start + rows], order, axis=1) if per_row
+                else pool_c[order])
     # First occurrence of each (row, cluster) in rank order: unique on row-major flat keys
     # returns the first flat position of each key, i.e. the nearest image of that cluster.
     keys = (np.arange(rows)[:, None] * n_c + clusters).reshape(-1)
