@@ -15,7 +15,8 @@ The functional core, importable as submodules or from here:
 
 Backbones, heads and weight converters live in :mod:`retrieval_jax.models`; ``Retriever``
 (backbone + head + weights: ``Retriever.from_pretrained("efficientnet-lite0").extract(paths)``)
-in :mod:`retrieval_jax.retriever`.
+in :mod:`retrieval_jax.retriever`; the protocol runner (``evaluate``) in
+:mod:`retrieval_jax.evaluation`.
 """
 
 from retrieval_jax import (distances, kl_weighting, losses, metrics, multiscale, normalization,
@@ -45,12 +46,16 @@ def __getattr__(name: str):
   if name == "Retriever":
     from retrieval_jax.retriever import Retriever
     return Retriever
+  if name in ("evaluate", "default_eval_config"):
+    from retrieval_jax.evaluation import runner
+    return getattr(runner, name)
   raise AttributeError(f"module 'retrieval_jax' has no attribute {name!r}")
 
 
 __all__ = [
     "Retriever", "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
-    "combine_scales", "compute_map", "database_side_augmentation", "distances",
+    "combine_scales", "compute_map", "database_side_augmentation", "default_eval_config",
+    "distances", "evaluate",
     "estimate_region_weights", "exclude_query_gnd", "fixed_rmac_regions", "gem", "kl_weighting",
     "losses", "multiscale",
     "region_kl_divergence", "scale_sizes",
