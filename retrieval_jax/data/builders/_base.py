@@ -136,15 +136,18 @@ def group_queries(ids: Sequence[str], images: Sequence[ImageRef], groups: Sequen
 # --------------------------------------------------------------------------- features
 
 
-def _nan_box() -> np.ndarray:
+def nan_box() -> np.ndarray:
   return np.full(4, np.nan, np.float32)
 
 
-def retrieval_features(gnd_keys: Sequence[str]) -> tfds.features.FeaturesDict:
-  """The union feature dict of the ``database`` and ``query`` splits (``RETRIEVAL_FEATURE_DOC``)."""
+def retrieval_features(gnd_keys: Sequence[str], *, with_clusters: bool = False
+                       ) -> tfds.features.FeaturesDict:
+  """The union feature dict of the ``database`` and ``query`` splits (``RETRIEVAL_FEATURE_DOC``),
+  plus ``cluster_id`` for datasets that keep a training split in the same feature dict."""
   return tfds.features.FeaturesDict({
       "image": tfds.features.Image(shape=(None, None, 3)),
       "image_id": tfds.features.Text(),
+      **({"cluster_id": np.int64} if with_clusters else {}),
       "instance_id": np.int64,
       "index": np.int64,
       "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
@@ -321,15 +324,12 @@ def check_images(refs: Sequence[ImageRef], *, skip_unreadable: bool, what: str,
 # --------------------------------------------------------------------------- builder base
 
 
-class ManualBenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base of the benchmark builders: a manual directory in, the shared schema out.
-
-  Subclasses set ``BUILDER_CONFIGS`` (``ManualConfig``\\ s), ``MANUAL_DOWNLOAD_INSTRUCTIONS``,
-  ``_info`` (via ``_retrieval_info`` or ``_training_info``) and ``_split_generators`` (via
-  ``_retrieval_splits`` or ``_training_split``).
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of every builder of this package: the shared schema, ArrayRecord storage.
 
   Data is written as ArrayRecord by default (pass ``file_format`` to override) because the
-  readers in ``loading.py`` need random access (``as_data_source``).
+  readers in ``loading.py`` need random access (``as_data_source``); example order is source
+  order (``disable_shuffling``, integer keys).
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -349,13 +349,22 @@ class ManualBenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
   def __init__(self, *, file_format: str | None = None, **kwargs: Any):
     super().__init__(file_format=file_format or "array_record", **kwargs)
 
-  # -- info
-
   def _dataset_info(self, features: tfds.features.FeaturesDict, description: str,
-                    homepage: str, citation: str) -> tfds.core.DatasetInfo:
+                    homepage: str = "", citation: str = "") -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self, description=description, features=features, homepage=homepage,
         citation=citation, disable_shuffling=True, metadata=tfds.core.MetadataDict())
+
+
+class ManualBenchmarkBuilder(LocalBuilder, skip_registration=True):
+  """Base of the benchmark builders: a manual directory in, the shared schema out.
+
+  Subclasses set ``BUILDER_CONFIGS`` (``ManualConfig``\\ s), ``MANUAL_DOWNLOAD_INSTRUCTIONS``,
+  ``_info`` (via ``_retrieval_info`` or ``_training_info``) and ``_split_generators`` (via
+  ``_retrieval_splits`` or ``_training_split``).
+  """
+
+  # -- info
 
   def _retrieval_info(self, gnd_keys: Sequence[str], description: str, homepage: str,
                       citation: str) -> tfds.core.DatasetInfo:
@@ -432,7 +441,7 @@ class ManualBenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
       empty = {key: [] for key in gnd_keys}
       for new, (old, raw) in enumerate(zip(db.kept, db.raw)):
         yield {"image": image_value(db_images[old], raw), "image_id": db_ids[old],
-               "instance_id": instances[old], "index": new, "box": _nan_box(),
+               "instance_id": instances[old], "index": new, "box": nan_box(),
                "query_db_index": -1, "gnd": empty}
 
     splits = {"database": self._generate_examples(database_rows())}
@@ -447,7 +456,7 @@ class ManualBenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         for key in gnd_keys:
           idx = new_index[np.asarray(spec.gnd[key], np.int64)]
           gnd[key] = idx[idx >= 0]  # unreadable database images leave the ground truth
-        box = _nan_box() if spec.box is None else np.asarray(spec.box, np.float32)
+        box = nan_box() if spec.box is None else np.asarray(spec.box, np.float32)
         own = int(new_index[spec.db_index]) if spec.db_index >= 0 else -1
         yield {"image": image_value(spec.image, raw), "image_id": spec.image_id,
                "instance_id": spec.instance_id, "index": new, "box": box,
@@ -493,7 +502,7 @@ class ManualBenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         box = None if boxes is None else boxes[old]
         yield {"image": image_value(images[old], raw), "image_id": ids[old],
                "cluster_id": clusters[old],
-               "box": _nan_box() if box is None else np.asarray(box, np.float32)}
+               "box": nan_box() if box is None else np.asarray(box, np.float32)}
 
     return self._generate_examples(rows())
 
