@@ -8,6 +8,9 @@ times, round-robin, and reports its median wall time and how many cores it kept 
 the 1-thread baseline are what to compare across machines; images per second are printed for
 context only (they depend on the CPU and the JPEG decoder build).
 
+The synthetic benchmark's generation speed (single-threaded numpy, the `small` preset's test
+database stream) is timed in the same loop, as images per second against the same baseline.
+
 Run:  python benchmarks/data.py [--count 200] [--max-size 512] [--repeats 3]
 """
 
@@ -60,12 +63,22 @@ def loader_case(paths: list[pathlib.Path], num_workers: int, args) -> Callable[[
   return run
 
 
+def synthetic_case(args) -> Callable[[], int]:
+  """Generation of ``args.count`` synthetic-benchmark photos (database stream of a preset's test
+  split, long side ``--synthetic-size``), single-threaded numpy, as the TFDS builder does."""
+  from retrieval_jax.data import synthetic
+
+  def run() -> int:
+    photos = synthetic.iter_database("small", seed=0, image_size=args.synthetic_size)
+    return sum(1 for _, _ in zip(range(args.count), photos))
+
+  return run
+
+
 def extra_cases(args) -> dict[str, Callable[[], int]]:
-  """Hook for more timed cases, each ``() -> number of images produced``, timed round-robin with
-  the loader cases and reported against the same baseline. The synthetic benchmark's generation
-  speed (``retrieval_jax.data.synthetic``) belongs here once that module exists."""
-  del args
-  return {}
+  """More timed cases, each ``() -> number of images produced``, timed round-robin with the
+  loader cases and reported against the same baseline."""
+  return {f"synthetic generation ({args.synthetic_size} px)": synthetic_case(args)}
 
 
 def _median_seconds(cases: dict[str, Callable[[], int]], repeats: int
@@ -94,6 +107,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--step", type=int, default=128, help="bucket step in pixels")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--synthetic-size", type=int, default=256,
+                      help="long side of the generated synthetic photos")
   parser.add_argument("--json", help="also write the results to this file")
   args = parser.parse_args()
 
