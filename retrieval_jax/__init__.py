@@ -7,6 +7,8 @@ The functional core, importable as submodules or from here:
 - ``whitening``: PCA whitening and learned discriminative whitening (Lw).
 - ``distances``: pairwise / paired distances with safe gradients, exact chunked top-k.
 - ``rerank``: alpha query expansion, average query expansion, database-side augmentation.
+- ``search``: exact chunked top-k (streams float16 memmaps), ScaNN indexes with manifests,
+  product quantization (ADC), sharded indexes, ``build_index(mode="auto")``.
 - ``metrics``: Oxford mAP, clipped mP@k, revisited E/M/H, Holidays, UKBench N-S, recall@k.
 - ``losses``: contrastive, double-margin, triplet, batch-hard/all, LRML, NRA, DLRTN joint,
   Smooth-AP (each with a validity mask for padded batches).
@@ -20,7 +22,7 @@ in :mod:`retrieval_jax.retriever`; the protocol runner (``evaluate``) in
 """
 
 from retrieval_jax import (distances, kl_weighting, losses, metrics, multiscale, normalization,
-                           pooling, regions, rerank, whitening)
+                           pooling, regions, rerank, search, whitening)
 from retrieval_jax.distances import (paired_cosine_similarity, paired_euclidean,
                                      paired_squared_euclidean, pairwise_cosine_distance,
                                      pairwise_cosine_similarity, pairwise_euclidean,
@@ -35,6 +37,8 @@ from retrieval_jax.regions import (boxes_to_cells, fixed_rmac_regions, rmac_regi
                                    rmac_regions)
 from retrieval_jax.rerank import (alpha_query_expansion, average_query_expansion,
                                   database_side_augmentation)
+from retrieval_jax.search import (ExactIndex, ProductQuantizer, ScannIndex, ShardedIndex,
+                                  build_index, exact_search)
 from retrieval_jax.whitening import apply_whitening, learn_lw, learn_pca_whitening
 
 __version__ = "0.1.0"
@@ -53,7 +57,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Retriever", "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
+    "ExactIndex", "ProductQuantizer", "Retriever", "ScannIndex", "ShardedIndex", "build_index",
+    "exact_search", "search", "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
     "combine_scales", "compute_map", "database_side_augmentation", "default_eval_config",
     "distances", "evaluate",
     "estimate_region_weights", "exclude_query_gnd", "fixed_rmac_regions", "gem", "kl_weighting",

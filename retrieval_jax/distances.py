@@ -13,14 +13,13 @@ and to make ``||a||^2 + ||b||^2 - 2ab`` lose every digit for nearby rows.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from retrieval_jax._validation import check_finite, check_ndim
 from retrieval_jax.normalization import l2n
+from retrieval_jax.search.exact import scan_top_k
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -185,7 +184,9 @@ def top_k_similar(queries: jax.Array, database: jax.Array, k: int, *,
   ``N`` and the rows it re-reads are scored ``-inf``. ``lax.top_k`` keeps the lower index first
   among equal values and the running best precedes the chunk in the merge, so ties go to the
   lower database index, as with a stable descending sort. For L2-normalised rows the scores are
-  cosine similarities. Compiled with ``jax.jit`` (``k`` and ``chunk_size`` static).
+  cosine similarities. Compiled with ``jax.jit`` (``k`` and ``chunk_size`` static). The kernel
+  is :func:`retrieval_jax.search.exact.scan_top_k`; :func:`retrieval_jax.search.exact_search`
+  adds query batching under a memory budget and host-streamed (memmap) databases.
 
   Args:
     queries: float ``[Q, D]``.
@@ -211,35 +212,4 @@ def top_k_similar(queries: jax.Array, database: jax.Array, k: int, *,
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
   check_finite("queries", queries)
   check_finite("database", database)
-  return _top_k_chunked(jnp.asarray(queries), jnp.asarray(database), k, min(chunk_size, n))
-
-
-@functools.partial(jax.jit, static_argnames=("k", "chunk"))
-def _top_k_chunked(queries: jax.Array, database: jax.Array, k: int,
-                   chunk: int) -> tuple[jax.Array, jax.Array]:
-  n = database.shape[0]
-  dtype = jnp.promote_types(jnp.result_type(queries, database), jnp.float32)
-  queries = queries.astype(dtype)
-  n_chunks = -(-n // chunk)
-  offsets = jnp.arange(chunk, dtype=jnp.int32)
-
-  def merge(best, i):
-    best_scores, best_indices = best
-    nominal_start = i * chunk
-    start = jnp.minimum(nominal_start, n - chunk)
-    rows = lax.dynamic_slice_in_dim(database, start, chunk).astype(dtype)
-    scores = jnp.matmul(queries, rows.T, precision=_HIGHEST)
-    indices = start + offsets
-    # Rows before nominal_start were scored by the previous chunk (only the shifted last chunk
-    # has any); scoring them again would let one row occupy two of the k places.
-    scores = jnp.where(indices < nominal_start, -jnp.inf, scores)
-    indices = jnp.broadcast_to(indices, scores.shape)
-    top_scores, positions = lax.top_k(jnp.concatenate([best_scores, scores], axis=1), k)
-    top_indices = jnp.take_along_axis(
-        jnp.concatenate([best_indices, indices], axis=1), positions, axis=1)
-    return (top_scores, top_indices), None
-
-  init = (jnp.full((queries.shape[0], k), -jnp.inf, dtype),
-          jnp.full((queries.shape[0], k), -1, jnp.int32))
-  (scores, indices), _ = lax.scan(merge, init, jnp.arange(n_chunks, dtype=jnp.int32))
-  return scores, indices
+  return scan_top_k(jnp.asarray(queries), jnp.asarray(database), k, min(chunk_size, n))
