@@ -11,6 +11,7 @@ import sys
 
 _SUBCOMMANDS = {
     "demo": ("retrieval_jax.demo", "run the interim end-to-end demo (simulated feature maps)"),
+    "train": ("retrieval_jax.train", "train a model from a config file (configs/*.py)"),
 }
 
 

@@ -114,20 +114,31 @@ class Retriever:
     self.stride = max(self.tap_strides.values())
     self.compiled_shapes: set[tuple[int, ...]] = set()  # one XLA program per entry
 
-    def describe(variables, pixels, pixel_mask):
-      # uint8 [B, H, W, 3] in (a quarter of float32's bytes to copy), normalised here; the
-      # padding is zero in the normalised space.
-      images = jnp.where(pixel_mask[..., None], preprocess(pixels, self.preprocessing), 0.0)
-      # Every backbone re-masks its spatial layers' inputs, so padding does not leak into the
-      # valid cells.
-      maps = self.backbone.apply(variables["backbone"], images, mask=pixel_mask)
-      # Valid cells of a tap at stride s: ceil(h / s) x ceil(w / s), top-left.
-      masks = [pixel_mask[:, ::self.tap_strides[t], ::self.tap_strides[t]] for t in self.taps]
-      if self.config.pooling == "remap":
-        return self.head.apply(variables["head"], [maps[t] for t in self.taps], masks=masks)
-      return self.head.apply(variables["head"], maps[self.taps[0]], mask=masks[0])
+    self._describe = jax.jit(self.embed)
 
-    self._describe = jax.jit(describe)
+  def embed(self, variables: dict[str, Any], pixels: jax.Array, pixel_mask: jax.Array
+            ) -> jax.Array:
+    """The descriptors of a padded batch, un-jitted: what training steps differentiate.
+
+    Args:
+      variables: ``{"backbone": ..., "head": ...}`` flax variables (``self.variables`` or a
+        training state's).
+      pixels: uint8 ``[B, H, W, 3]``, normalised here (a quarter of float32's bytes to copy).
+      pixel_mask: bool ``[B, H, W]``, True on the real image (top-left), False on padding.
+
+    Returns:
+      float ``[B, D]`` descriptors (the head's output, L2-normalised rows).
+    """
+    # The padding is zero in the normalised space.
+    images = jnp.where(pixel_mask[..., None], preprocess(pixels, self.preprocessing), 0.0)
+    # Every backbone re-masks its spatial layers' inputs, so padding does not leak into the
+    # valid cells.
+    maps = self.backbone.apply(variables["backbone"], images, mask=pixel_mask)
+    # Valid cells of a tap at stride s: ceil(h / s) x ceil(w / s), top-left.
+    masks = [pixel_mask[:, ::self.tap_strides[t], ::self.tap_strides[t]] for t in self.taps]
+    if self.config.pooling == "remap":
+      return self.head.apply(variables["head"], [maps[t] for t in self.taps], masks=masks)
+    return self.head.apply(variables["head"], maps[self.taps[0]], mask=masks[0])
 
   # ------------------------------------------------------------------------------ building
 

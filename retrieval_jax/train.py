@@ -1,0 +1,143 @@
+"""``retrieval-jax train``: train a retrieval model from a config file.
+
+    retrieval-jax train --config configs/demo.py --workdir runs/demo \\
+        [--config.train.epochs=3 --config.loss.name=triplet ...] [--no-resume] [--no-progress]
+
+The config file defines ``get_config()`` returning a training config (fields of
+:func:`retrieval_jax.training.default_train_config`), as big_vision and the flax examples do.
+``--config.<dotted.field>=<value>`` (or ``--config.<field> <value>``) overrides a field; the
+value is read as a Python literal (``3``, ``0.1``, ``None``, ``True``, ``(1.0, 0.5)``) and
+otherwise as a string, and must fit the field's type. A run whose workdir holds checkpoints
+resumes from the latest one. Errors in the config or the data print one line and exit 2; a
+diverged run (NaN/Inf) exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import logging
+import pathlib
+import sys
+from typing import Any
+
+import ml_collections
+
+_PREFIX = "--config."
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of the Python file at ``path``."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ValueError(f"--config: {path} is not a file.")
+  spec = importlib.util.spec_from_file_location(f"_retrieval_jax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"--config: {path} defines no get_config().")
+  return module.get_config()
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word: a string field (loss.name=triplet)
+
+
+def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> None:
+  """Sets the dotted ``field`` of ``cfg`` from its command-line ``text``.
+
+  Raises:
+    ValueError: an unknown field, or a value that does not fit the field's type, naming it.
+  """
+  *parents, leaf = field.split(".")
+  node = cfg
+  for i, part in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ValueError(f"{_PREFIX}{field}: {'.'.join(parents[:i + 1])} is not a config section.")
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ValueError(f"{_PREFIX}{field}: {field} is not a config field.")
+  value = _parse_value(text)
+  if isinstance(value, list):
+    value = tuple(value)
+  try:
+    node[leaf] = value
+  except TypeError:
+    # "123" for a string field: keep the text as written.
+    try:
+      node[leaf] = text
+    except TypeError as err:
+      raise ValueError(f"{_PREFIX}{field}={text}: does not fit the field's type ({err})."
+                       ) from None
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+  """The options and the ``(field, text)`` overrides, in command-line order."""
+  overrides, rest, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith(_PREFIX):
+      body = arg[len(_PREFIX):]
+      if "=" in body:
+        field, text = body.split("=", 1)
+      elif i + 1 < len(argv):
+        field, text = body, argv[i + 1]
+        i += 1
+      else:
+        raise ValueError(f"{arg} needs a value ({arg}=VALUE).")
+      overrides.append((field, text))
+    else:
+      rest.append(arg)
+    i += 1
+  parser = argparse.ArgumentParser(
+      prog="retrieval-jax train", description="Train a retrieval model from a config file.",
+      epilog="Override any field with --config.<dotted.field>=<value>.")
+  parser.add_argument("--config", required=True, help="a Python file defining get_config()")
+  parser.add_argument("--workdir", required=True,
+                      help="checkpoints, metrics.jsonl, tb/ and the final retriever/ go here")
+  parser.add_argument("--no-resume", action="store_true",
+                      help="refuse a workdir that already holds checkpoints")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return parser.parse_args(rest), overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  # Our messages (resume, warnings) at INFO; orbax/absl chatter only from WARNING up.
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("retrieval_jax").setLevel(logging.INFO)
+  try:
+    args, overrides = parse_args(argv)
+    cfg = load_config_file(args.config)
+    for field, text in overrides:
+      apply_override(cfg, field, text)
+    if args.no_progress:
+      cfg.train.progress = False
+  except ValueError as err:
+    print(f"retrieval-jax train: error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+  # Heavy imports (jax, models) only once the command line is known to be good.
+  from retrieval_jax.training.loop import TrainingDivergedError, train  # noqa: PLC0415
+
+  try:
+    summary = train(cfg, args.workdir, resume=not args.no_resume)
+  except ValueError as err:  # bad config or data (ImageReadError is a ValueError too)
+    print(f"retrieval-jax train: error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
+  except TrainingDivergedError as err:
+    print(f"retrieval-jax train: stopped: {err}", file=sys.stderr)
+    raise SystemExit(1) from None
+  before, after = summary["before_val_map"], summary["final_val_map"]
+  fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+  print(f"trained {summary['steps']} steps in {summary['time_s']:.0f} s; validation mAP "
+        f"{fmt(before)} -> {fmt(after)} (best {fmt(summary['best_val_map'])} at step "
+        f"{summary['best_step']}); model: {summary['retriever']}")
+
+
+if __name__ == "__main__":
+  main()

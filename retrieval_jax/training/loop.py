@@ -1,0 +1,629 @@
+"""The train loop: epochs of mined tuples (or m-per-class batches), validation, checkpoints.
+
+>>> summary = train(cfg, "runs/demo")          # cfg from training.default_train_config()
+>>> Retriever.load("runs/demo/retriever")      # the trained model
+
+Per epoch ``e``:
+
+1. **Sampling.** Tuple losses: when mining is due (``mining.refresh_every_epochs``; always at
+   the first epoch), the epoch's (query, positive) pairs and negative pool are drawn from
+   ``(seed, e)`` (:mod:`retrieval_jax.data.samplers`), the current model describes them
+   (un-augmented, batches split over the devices) and :func:`retrieval_jax.mining.mine_negatives`
+   picks each query's nearest pool images of distinct other clusters; ``mining.negatives =
+   "random"`` draws random negatives instead (no model). Epochs where mining is not due reuse
+   the last mined tuples. With ``mining.refresh_every_tuples`` the remaining tuples of the epoch
+   are re-mined whenever that many tuples were trained on since the last mining (REMAP).
+   Batch losses: :func:`retrieval_jax.data.samplers.m_per_class_batches` of ``(seed, e)``.
+2. **Steps** over the tuples in an order drawn from ``(seed, e)``, ``train.batch_size`` per step
+   (the last batch padded), with a tqdm bar (loss, tuples/s) and one JSON line per logged step in
+   ``metrics.jsonl`` (plus TensorBoard scalars in ``tb/`` when ``tensorboardX`` is installed).
+3. **Validation** mAP (:func:`retrieval_jax.evaluation.evaluate` on the validation
+   ``RetrievalSet``; the medium protocol of revisited sets) every ``train.eval_every_epochs``,
+   at the last epoch and before training (the "before" number).
+
+Checkpoints (orbax ``CheckpointManager``, ``workdir/checkpoints/<global step>``, written to a
+temporary directory and renamed when complete) hold the :class:`~retrieval_jax.training.
+TrainState`, the epoch's tuples as mined and the loop position (epoch, steps done in it, tuples
+since the last mining, the validation history). The latest ``train.keep_checkpoints`` are kept,
+and the best by validation mAP besides.
+
+**Resume.** ``train(cfg, workdir)`` on a workdir with checkpoints continues from the latest.
+Every random choice is a pure function of ``(seed, epoch[, step, slot])`` and the mined tuples
+are restored rather than re-mined, so an interrupted and an uninterrupted run take the same
+steps on the same batches and end with equal parameters (``tests/test_train_loop.py`` kills a
+run with SIGKILL and compares).
+
+**Divergence.** A non-finite loss or gradient norm stops training with
+:class:`TrainingDivergedError` naming the step; that state is never saved, so the latest
+checkpoint is the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+
+from retrieval_jax import losses
+from retrieval_jax.data.datasets import InstanceSet, RetrievalSet
+from retrieval_jax.data.samplers import (epoch_rng, m_per_class_batches, random_tuples,
+                                         sample_pairs, sample_pool)
+from retrieval_jax.evaluation.runner import evaluate
+from retrieval_jax.mining import RefreshSchedule, active_triplets, mine_negatives
+from retrieval_jax.retriever import Retriever
+from retrieval_jax.training.batches import ImageBatcher, prefetch
+from retrieval_jax.training.config import (LOSSES, check_training_set, default_train_config,
+                                           loss_kind, validate_config)
+from retrieval_jax.training.optimizers import make_optimizer, make_schedule, trainable_mask
+from retrieval_jax.training.state import TrainState, create_train_state
+from retrieval_jax.training.steps import (data_mesh, make_batch_step, make_tuple_step, replicate,
+                                          shard_batch, sum_and_count)
+
+log = logging.getLogger(__name__)
+
+StepHook = Callable[[dict[str, Any]], None]
+
+
+class TrainingDivergedError(RuntimeError):
+  """A non-finite loss or gradient norm; the message names the step and the last checkpoint."""
+
+
+# ------------------------------------------------------------------------------ config, data
+
+
+def resolve_config(cfg: ml_collections.ConfigDict | dict | None) -> ml_collections.ConfigDict:
+  """:func:`default_train_config` updated with ``cfg`` (recursively); unknown fields fail."""
+  full = default_train_config()
+  given = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg or {})
+
+  def update(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+      name = f"{prefix}{key}"
+      if key not in node:
+        raise ValueError(f"{name} is not a config field; {prefix.rstrip('.') or 'the config'} "
+                         f"has {sorted(node.keys())}.")
+      if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict) and \
+          key != "param_groups":
+        update(node[key], value, f"{name}.")
+      else:
+        try:
+          node[key] = tuple(value) if isinstance(value, list) and key != "param_groups" \
+              else value
+        except TypeError as err:
+          raise ValueError(f"{name}: {value!r} does not fit the field's type ({err}).") from None
+
+  update(full, given, "")
+  return full
+
+
+def load_datasets(data: ml_collections.ConfigDict) -> tuple[InstanceSet, RetrievalSet]:
+  """The training set and the validation set the ``data`` section names."""
+  if data.source == "synthetic":
+    from retrieval_jax.data.synthetic import generate  # noqa: PLC0415 (only when used)
+    bench = generate(data.preset, seed=data.seed, image_size=data.synthetic_image_size)
+    return bench.train, bench.val
+  if data.source in ("folder", "csv"):
+    from retrieval_jax.data import custom  # noqa: PLC0415
+    for field in ("train", "val"):
+      if not pathlib.Path(data[field]).exists():
+        raise ValueError(f"data.{field}: {data[field]} does not exist.")
+    if data.source == "folder":
+      return (custom.folder_instance_set(data.train).dataset,
+              custom.folder_retrieval_set(
+                  data.val, queries_per_instance=data.val_queries_per_instance).dataset)
+    return custom.csv_instance_set(data.train).dataset, custom.csv_retrieval_set(data.val).dataset
+  # TFDS: importing the builders registers them; names may carry a config ("name/config").
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  from retrieval_jax.data import builders  # noqa: PLC0415
+
+  name, _, config = data.train.partition("/")
+  builder = tfds.builder(name, data_dir=data.data_dir, config=config or None)
+  builder.download_and_prepare()
+  val_name, _, val_config = data.val.partition("/")
+  return (builders.tfds_instance_set(builder, "train"),
+          builders.load_retrieval_set(val_name, data_dir=data.data_dir,
+                                      config=val_config or None))
+
+
+def make_loss_fn(cfg: ml_collections.ConfigDict) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """``cfg.loss`` as the steps' loss contract (``-> (local sum, count)``).
+
+  Tuple losses (``make_tuple_step``): ``loss_fn(tuples [t, 2 + k, D], valid [t], **extras)``,
+  the per-tuple losses summed and counted (:func:`training.sum_and_count`), so the step's loss
+  is the mean over the global batch's valid tuples. Batch losses (``make_batch_step``, gathered):
+  ``loss_fn(embeddings [B, D], labels [B], valid [B], **extras)`` sees the whole global batch
+  and returns ``(mean, 1)``. The extra ``loss_scale`` (only present when
+  ``train.debug_nan_at_step`` is set) multiplies the loss: NaN at that step, 1 elsewhere.
+  """
+  name, c = cfg.loss.name, cfg.loss
+  if LOSSES[name].kind == "tuple":
+    per_tuple = {
+        "contrastive": lambda t, v: losses.tuple_contrastive_loss(t, margin=c.margin, valid=v,
+                                                                  reduction="none"),
+        "triplet": lambda t, v: losses.tuple_triplet_loss(t, margin=c.margin, squared=c.squared,
+                                                          valid=v, reduction="none"),
+        "lrml": lambda t, v: losses.lrml_loss(t, tau=c.tau, valid=v, reduction="none"),
+    }[name]
+
+    def tuple_loss(tuples, valid, loss_scale=None):
+      values = per_tuple(tuples, valid)
+      if loss_scale is not None:
+        values = values * loss_scale
+      return sum_and_count(values, valid)
+
+    return tuple_loss
+
+  per_batch = {
+      "batch_hard": lambda e, y, v: losses.batch_hard_triplet_loss(
+          e, y, margin=c.margin, squared=c.squared, valid=v),
+      "batch_all": lambda e, y, v: losses.batch_all_triplet_loss(
+          e, y, margin=c.margin, squared=c.squared, valid=v),
+      "nra": lambda e, y, v: losses.nra_loss(e, y, alpha=c.alpha, eps=c.eps, valid=v),
+      "smooth_ap": lambda e, y, v: losses.smooth_ap_loss(e, y, temperature=c.temperature,
+                                                         valid=v),
+  }[name]
+
+  def batch_loss(embeddings, labels, valid, loss_scale=None):
+    value = per_batch(embeddings, labels, valid)
+    if loss_scale is not None:
+      value = value * jnp.mean(loss_scale)
+    return value, jnp.ones((), jnp.int32)
+
+  return batch_loss
+
+
+def headline_map(metrics: dict[str, Any]) -> float:
+  """The validation number checkpoints are ranked by: medium mAP of revisited protocols, the
+  plain mAP otherwise."""
+  if "medium" in metrics:
+    return float(metrics["medium"]["mAP"])
+  return float(metrics["mAP"])
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+class MetricsLog:
+  """``metrics.jsonl`` (one flushed JSON object per record) and, when ``tensorboardX`` is
+  installed, TensorBoard event files in ``tb/``.
+
+  On resume, records after the restored step are dropped from the JSONL file (they belong to
+  the lost part of the interrupted run and are about to be redone), and TensorBoard is told to
+  purge them (``purge_step``).
+  """
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int | None):
+    self.path = workdir / "metrics.jsonl"
+    if resume_step is not None and self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      tmp = self.path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(f"{line}\n" for line in kept))
+      os.replace(tmp, self.path)
+    elif self.path.exists():
+      self.path.unlink()
+    self._file = self.path.open("a")
+    self.tensorboard = None
+    try:
+      import tensorboardX  # noqa: PLC0415 (optional: metrics.jsonl is always written)
+    except ImportError:
+      log.warning("tensorboardX is not installed: no TensorBoard event files (metrics.jsonl "
+                  "has every number); pip install tensorboardX to get them.")
+    else:
+      self.tensorboard = tensorboardX.SummaryWriter(
+          str(workdir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+
+  def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+    record = {"kind": kind, "step": int(step), "time": round(time.time(), 3), **values}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self.tensorboard is not None:
+      for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          # TensorBoard tags allow no "@" (mP@k).
+          self.tensorboard.add_scalar(f"{kind}/{key}".replace("@", "_at_"), value, int(step))
+      self.tensorboard.flush()
+
+  def close(self) -> None:
+    self._file.close()
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+  from tqdm.auto import tqdm  # noqa: PLC0415
+  return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+              unit="step")
+
+
+class _Trainer:
+  """One training run's objects; :func:`train` drives it."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: pathlib.Path):
+    self.cfg = cfg
+    self.workdir = workdir
+    self.kind = loss_kind(cfg)
+    self.seed = cfg.train.seed
+    self.batch_size = cfg.train.batch_size
+    self.train_set, self.val_set = load_datasets(cfg.data)
+    check_training_set(cfg, self.train_set, cfg.mining.pool_size)
+    self.ids = np.asarray(self.train_set.cluster_ids)
+    self.retriever = Retriever.from_config(cfg.model)
+    self.batcher = ImageBatcher(self.train_set.images, image_size=cfg.data.image_size,
+                                stride=self.retriever.stride, augment=cfg.data.augment,
+                                seed=self.seed, num_workers=cfg.data.num_workers)
+    self.mesh = data_mesh()
+    self.devices = self.mesh.devices.size
+    self.schedule = RefreshSchedule(cfg.mining.refresh_every_epochs,
+                                    cfg.mining.refresh_every_tuples)
+    self.steps_per_epoch = self._count_steps()
+    tx = make_optimizer(cfg.optimizer, self.steps_per_epoch)
+    self.initial_state = create_train_state(self.retriever.variables, tx, rng=self.seed)
+    frozen = any(g.get("frozen") for g in cfg.optimizer.param_groups)
+    options = dict(learning_rate_fn=make_schedule(cfg.optimizer, self.steps_per_epoch),
+                   trainable=trainable_mask(cfg.optimizer, self.initial_state.params)
+                   if frozen else None)
+    factory = make_tuple_step if self.kind == "tuple" else make_batch_step
+    self.step_fn = factory(self.retriever.embed, make_loss_fn(cfg), tx, self.mesh, **options)
+    self.describe_fn = jax.jit(self.retriever.embed)
+    # One Retriever for validation, its variables swapped per evaluation, so its extraction
+    # programs compile once.
+    self.eval_retriever = Retriever(self.retriever.config, self.retriever.variables)
+    self.eval_cfg = ml_collections.ConfigDict(cfg.eval.to_dict())
+    self.eval_cfg.output_dir = None  # descriptors change every evaluation: nothing to reuse
+    self.eval_cfg.cache_dir = None
+    self.eval_cfg.reuse_descriptors = False
+
+  # ---------------------------------------------------------------------------- sampling
+
+  def _count_steps(self) -> int:
+    if self.kind == "batch":
+      d = self.cfg.data
+      batches = m_per_class_batches(self.ids, d.classes_per_batch, d.samples_per_class,
+                                    allow_repeats=d.allow_repeats, seed=self.seed, epoch=0)
+      return len(batches)
+    pairs = sample_pairs(self.ids, positive_pairs=self.train_set.positive_pairs,
+                         num_pairs=self.cfg.mining.query_size, seed=self.seed, epoch=0)
+    return -(-len(pairs) // self.batch_size)
+
+  def describe(self, state: TrainState, indices: np.ndarray) -> np.ndarray:
+    """float32 ``[len(indices), D]`` descriptors of training images (un-augmented) with the
+    state's model, batches split over the devices."""
+    variables = replicate(state.variables, self.mesh)
+    per_batch = self.devices * -(-self.cfg.mining.describe_batch_size // self.devices)
+    rows = []
+    for pixels, mask, n in self.batcher.plain_batches(np.asarray(indices), per_batch):
+      x = shard_batch({"pixels": pixels, "mask": mask}, self.mesh)
+      rows.append(np.asarray(self.describe_fn(variables, x["pixels"], x["mask"]))[:n])
+    return np.concatenate(rows).astype(np.float32)
+
+  def _descriptor_table(self, state: TrainState, needed: np.ndarray) -> np.ndarray:
+    """``[N, D]`` descriptors with rows for ``needed`` and NaN elsewhere (never chosen)."""
+    needed = np.unique(needed)
+    described = self.describe(state, needed)
+    table = np.full((len(self.ids), described.shape[1]), np.nan, np.float32)
+    table[needed] = described
+    return table
+
+  def mine(self, state: TrainState, epoch: int) -> np.ndarray:
+    """The epoch's rows: int64 ``[T, 2 + k]`` tuples or ``[steps, k * n]`` class batches."""
+    cfg, ids = self.cfg, self.ids
+    if self.kind == "batch":
+      d = cfg.data
+      return m_per_class_batches(ids, d.classes_per_batch, d.samples_per_class,
+                                 allow_repeats=d.allow_repeats, seed=self.seed, epoch=epoch)
+    m, pairs_given = cfg.mining, self.train_set.positive_pairs
+    if m.negatives == "random":
+      return random_tuples(ids, m.query_size, m.num_negatives, positive_pairs=pairs_given,
+                           seed=self.seed, epoch=epoch).as_array()
+    # The queries do not depend on the positive strategy (same stream), so a random draw
+    # tells which images the model must describe.
+    pairs = sample_pairs(ids, positive_pairs=pairs_given, num_pairs=m.query_size,
+                         seed=self.seed, epoch=epoch)
+    pool = sample_pool(len(ids), m.pool_size, seed=self.seed, epoch=epoch)
+    needed = [pairs.reshape(-1), pool]
+    if m.positive != "random":
+      needed.append(np.flatnonzero(np.isin(ids, ids[pairs[:, 0]])))
+    table = self._descriptor_table(state, np.concatenate(needed))
+    if m.positive != "random":
+      pairs = sample_pairs(ids, positive_pairs=pairs_given, num_pairs=m.query_size,
+                           seed=self.seed, epoch=epoch, positive=m.positive, descriptors=table)
+    rows = self._with_negatives(pairs, pool, table)
+    if m.active_only:
+      q, p, n = (table[rows[:, j]] for j in range(3))
+      active = active_triplets(q, p, n, margin=cfg.loss.margin, squared=cfg.loss.squared)
+      if active.any():
+        # Keep the epoch's length (and the schedule's epochs) by cycling the active tuples.
+        kept = rows[active]
+        rows = kept[np.arange(len(rows)) % len(kept)]
+      else:
+        log.warning("epoch %d: no mined tuple violates the margin; training on all.", epoch)
+    return rows
+
+  def _with_negatives(self, pairs: np.ndarray, pool: np.ndarray, table: np.ndarray
+                      ) -> np.ndarray:
+    positions, _ = mine_negatives(table[pairs[:, 0]], table[pool], self.ids[pairs[:, 0]],
+                                  self.ids[pool], self.cfg.mining.num_negatives)
+    return np.concatenate([pairs, pool[positions]], axis=1).astype(np.int64)
+
+  def remine_rest(self, state: TrainState, rows: np.ndarray, order: np.ndarray, start: int,
+                  epoch: int) -> np.ndarray:
+    """``rows`` with fresh negatives for the tuples not yet trained on (``order[start:]``),
+    mined with the current model against the epoch's pool (``refresh_every_tuples``)."""
+    rest = order[start:]
+    pool = sample_pool(len(self.ids), self.cfg.mining.pool_size, seed=self.seed, epoch=epoch)
+    table = self._descriptor_table(state, np.concatenate([rows[rest, 0], pool]))
+    rows = rows.copy()
+    rows[rest] = self._with_negatives(rows[rest, :2], pool, table)
+    return rows
+
+  def order(self, rows: np.ndarray, epoch: int) -> np.ndarray:
+    return epoch_rng(self.seed, epoch, "order").permutation(len(rows))
+
+  def batch(self, rows: np.ndarray, order: np.ndarray, epoch: int, step: int,
+            nan: bool) -> dict[str, np.ndarray]:
+    if self.kind == "batch":
+      indices = rows[order[step]]
+      out = self.batcher.image_batch(indices, self.ids[indices], self.batch_size, epoch=epoch,
+                                     step=step)
+    else:
+      chosen = rows[order[step * self.batch_size:(step + 1) * self.batch_size]]
+      out = self.batcher.tuple_batch(chosen, self.batch_size, epoch=epoch, step=step)
+    if self.cfg.train.debug_nan_at_step is not None:
+      out["loss_scale"] = np.full(self.batch_size, np.nan if nan else 1.0, np.float32)
+    return out
+
+  # ---------------------------------------------------------------------------- evaluation
+
+  def validate(self, state: TrainState) -> dict[str, Any]:
+    self.eval_retriever.variables = jax.device_get(state.variables)
+    return evaluate(self.eval_retriever, self.val_set, self.eval_cfg)["metrics"]
+
+
+def _batches(trainer: _Trainer, rows: np.ndarray, order: np.ndarray, epoch: int, first: int,
+             global_step: int):
+  """The epoch's batches from step ``first`` on (``global_step`` steps done before it), each
+  built in a thread while the previous step runs."""
+  nan_at = trainer.cfg.train.debug_nan_at_step
+
+  def build(i: int) -> dict[str, np.ndarray]:
+    return trainer.batch(rows, order, epoch, i, global_step + 1 + i - first == nan_at)
+
+  return prefetch(build, range(first, trainer.steps_per_epoch))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def _checkpoint_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+  # Synchronous saves: when save() returns the checkpoint is complete on disk (orbax writes a
+  # temporary directory and renames it), so a crash right after loses nothing that was saved.
+  policy = AnyPreservationPolicy([
+      LatestN(n=keep),
+      BestN(get_metric_fn=lambda metrics: metrics["val_map"], reverse=False, n=1,
+            keep_checkpoints_without_metrics=False)])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _host(tree: Any) -> Any:
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, rows: np.ndarray,
+          position: dict[str, Any], val_map: float | None) -> None:
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_host(state)),
+      rows=ocp.args.StandardSave({"rows": np.asarray(rows)}),
+      position=ocp.args.JsonSave(position)),
+      metrics=None if val_map is None else {"val_map": val_map})
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, like: TrainState
+             ) -> tuple[TrainState, np.ndarray, dict[str, Any]]:
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_host(like)), rows=ocp.args.StandardRestore(),
+      position=ocp.args.JsonRestore()))
+  state = jax.tree_util.tree_map(np.asarray, restored["state"])
+  return state, np.asarray(restored["rows"]["rows"], np.int64), dict(restored["position"])
+
+
+def _replace_retriever(retriever: Retriever, target: pathlib.Path) -> None:
+  """Saves ``retriever`` at ``target``, replacing a previous one only once the new is
+  complete (``Retriever.save`` is atomic but refuses an existing directory)."""
+  if not target.exists():
+    retriever.save(target)
+    return
+  fresh = target.with_name(f".{target.name}.new")
+  shutil.rmtree(fresh, ignore_errors=True)
+  retriever.save(fresh)
+  old = target.with_name(f".{target.name}.old")
+  shutil.rmtree(old, ignore_errors=True)
+  os.replace(target, old)
+  os.replace(fresh, target)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def train(cfg: ml_collections.ConfigDict | dict, workdir: str | os.PathLike, *,
+          resume: bool = True, on_step: StepHook | None = None) -> dict[str, Any]:
+  """Trains the configured model; see the module docstring.
+
+  Args:
+    cfg: a training config (fields of :func:`~retrieval_jax.training.default_train_config`;
+      missing ones take defaults).
+    workdir: where checkpoints, ``metrics.jsonl``, ``tb/``, ``config.json``, ``summary.json``
+      and the final ``retriever/`` go.
+    resume: continue from the latest checkpoint in ``workdir`` if there is one; False refuses
+      a workdir that already holds checkpoints.
+    on_step: called after every step (after its checkpoint, if any) with ``{"step", "epoch",
+      "step_in_epoch", "loss"}`` (progress reporting, tests).
+
+  Returns:
+    The summary (also ``workdir/summary.json``): ``steps``, ``epochs``, ``steps_per_epoch``,
+    ``before_val_map``, ``final_val_map``, ``best_val_map``, ``best_step``, ``final_loss``,
+    ``checkpoints`` (kept steps), ``resumed_from``, ``retriever`` (its directory),
+    ``time_s``.
+
+  Raises:
+    ValueError: an invalid config (naming the field) or a dataset the sampler cannot use,
+      before any training step.
+    TrainingDivergedError: a non-finite loss or gradient norm.
+  """
+  start_time = time.perf_counter()
+  cfg = resolve_config(cfg)
+  validate_config(cfg, num_devices=jax.device_count())
+  workdir = pathlib.Path(workdir).absolute()
+  manager_dir = workdir / "checkpoints"
+  if manager_dir.exists() and any(p.name.isdigit() for p in manager_dir.iterdir()) and \
+      not resume:
+    raise ValueError(f"{workdir} already holds checkpoints; resume, or choose a new workdir.")
+  trainer = _Trainer(cfg, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+  manager = _checkpoint_manager(manager_dir, cfg.train.keep_checkpoints)
+  spe, epochs, t = trainer.steps_per_epoch, cfg.train.epochs, cfg.train
+
+  latest = manager.latest_step()
+  state: TrainState = trainer.initial_state
+  rows: np.ndarray | None = None
+  position = {"epoch": 0, "step_in_epoch": 0, "tuples_since_refresh": None,
+              "before_val_map": None, "best_val_map": None, "best_step": None,
+              "last_val_map": None, "last_loss": None}
+  if latest is not None:
+    state, rows, position = _restore(manager, latest, trainer.initial_state)
+    log.info("resuming from step %d (epoch %d, step %d of %d)", latest, position["epoch"],
+             position["step_in_epoch"], spe)
+  metrics_log = MetricsLog(workdir, latest)
+  if latest is None:
+    metrics_log.write("config", 0, {"steps_per_epoch": spe, "devices": trainer.devices,
+                                    "train_images": len(trainer.train_set),
+                                    "loss": cfg.loss.name})
+  global_step = 0 if latest is None else latest
+  last_loss = position.get("last_loss")
+
+  def evaluate_now(step: int) -> float:
+    metrics = trainer.validate(state)
+    value = headline_map(metrics)
+    flat = {"val_map": value}
+    for name, scores in metrics.items():
+      if isinstance(scores, dict):
+        flat.update({f"{name}_{k}": float(v) for k, v in scores.items()
+                     if isinstance(v, (int, float))})
+    metrics_log.write("eval", step, flat)
+    position["last_val_map"] = value
+    if position["best_val_map"] is None or value > position["best_val_map"]:
+      position["best_val_map"], position["best_step"] = value, step
+    return value
+
+  try:
+    if latest is None and t.eval_at_start:
+      position["before_val_map"] = evaluate_now(0)
+    epoch = position["epoch"]
+    if position["step_in_epoch"] >= spe:  # the checkpoint closed its epoch
+      epoch += 1
+      position.update(epoch=epoch, step_in_epoch=0)
+    for epoch in range(epoch, epochs):
+      first = position["step_in_epoch"]
+      tsr = position["tuples_since_refresh"]
+      if first == 0:
+        # A new epoch: mine (always for REMAP-style tuple counts, which draw new pairs per
+        # epoch; for epoch periods when due) or reuse the last mined tuples.
+        if rows is None or trainer.kind == "batch" or cfg.mining.refresh_every_tuples or \
+            trainer.schedule.due(epoch, tsr):
+          t0 = time.perf_counter()
+          rows = trainer.mine(state, epoch)
+          tsr = 0
+          metrics_log.write("mining", global_step, {"epoch": epoch, "rows": len(rows),
+                                                    "time_s": time.perf_counter() - t0})
+      order = trainer.order(rows, epoch)
+      bar = _progress(spe, first, f"epoch {epoch + 1}/{epochs}", t.progress)
+      batches = _batches(trainer, rows, order, epoch, first, global_step)
+      for i in range(first, spe):
+        if cfg.mining.refresh_every_tuples and i > first and trainer.kind == "tuple" and \
+            trainer.schedule.due(epoch, tsr):
+          rows = trainer.remine_rest(state, rows, order, i * trainer.batch_size, epoch)
+          tsr = 0
+          metrics_log.write("mining", global_step, {"epoch": epoch, "from_step": i})
+          # The prefetched batches were built from the old negatives: rebuild from here.
+          batches.close()
+          batches = _batches(trainer, rows, order, epoch, i, global_step)
+        t0 = time.perf_counter()
+        batch = next(batches)
+        state, metrics = trainer.step_fn(state, batch)
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        global_step += 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+          metrics_log.write("error", global_step, {"loss": loss, "grad_norm": grad_norm})
+          kept = manager.latest_step()
+          raise TrainingDivergedError(
+              f"non-finite training values at step {global_step} (epoch {epoch + 1}, step "
+              f"{i + 1} of {spe}): loss={loss}, grad_norm={grad_norm}. Stopped without saving "
+              f"this state; the last good checkpoint is "
+              + (f"step {kept} in {manager_dir}." if kept is not None else
+                 "none (no checkpoint was written yet).")
+              + " Lower optimizer.learning_rate or set optimizer.grad_clip_norm.")
+        seconds = time.perf_counter() - t0
+        valid = int(metrics["valid"])
+        tsr = (tsr or 0) + valid
+        last_loss = loss
+        position.update(epoch=epoch, step_in_epoch=i + 1, tuples_since_refresh=tsr,
+                        last_loss=loss)
+        if global_step % t.log_every_steps == 0 or i + 1 == spe:
+          metrics_log.write("train", global_step, {
+              "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
+              "update_norm": float(metrics["update_norm"]),
+              "param_norm": float(metrics["param_norm"]),
+              "learning_rate": float(metrics["learning_rate"]), "valid": valid,
+              "items_per_s": valid / max(seconds, 1e-9)})
+        bar.set_postfix(loss=f"{loss:.4f}", tuples_s=f"{valid / max(seconds, 1e-9):.1f}")
+        bar.update(1)
+        val_map = None
+        if i + 1 == spe:
+          bar.close()
+          every = t.eval_every_epochs
+          if epoch + 1 == epochs or (every and (epoch + 1) % every == 0):
+            val_map = evaluate_now(global_step)
+        if i + 1 == spe or global_step % t.checkpoint_every_steps == 0:
+          _save(manager, global_step, state, rows, position, val_map)
+        if on_step is not None:
+          on_step({"step": global_step, "epoch": epoch, "step_in_epoch": i + 1, "loss": loss})
+      batches.close()
+      position.update(step_in_epoch=0)
+    manager.wait_until_finished()
+    retriever = Retriever(trainer.retriever.config, jax.device_get(state.variables))
+    _replace_retriever(retriever, workdir / "retriever")
+  finally:
+    metrics_log.close()
+    trainer.batcher.close()
+    manager.close()
+
+  summary = {
+      "steps": global_step, "epochs": epochs, "steps_per_epoch": spe,
+      "before_val_map": position["before_val_map"], "final_val_map": position["last_val_map"],
+      "best_val_map": position["best_val_map"], "best_step": position["best_step"],
+      "final_loss": last_loss, "checkpoints": sorted(manager.all_steps()),
+      "resumed_from": latest, "retriever": str(workdir / "retriever"),
+      "time_s": round(time.perf_counter() - start_time, 2)}
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
