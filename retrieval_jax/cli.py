@@ -1,8 +1,8 @@
 """The ``retrieval-jax`` command line.
 
-Subcommands so far: ``demo``. Each subcommand lives in its own module and exposes
-``main(argv)``; this file only dispatches, so ``retrieval-jax demo --help`` shows the
-subcommand's own options.
+Each subcommand lives in its own module (``retrieval_jax/commands/``) and exposes
+``main(argv) -> exit code``; this file only dispatches, so ``retrieval-jax train --help`` shows
+the subcommand's own options.
 """
 
 from __future__ import annotations
@@ -10,8 +10,19 @@ from __future__ import annotations
 import sys
 
 _SUBCOMMANDS = {
+    "train": ("retrieval_jax.commands.train", "train a model from a config file (configs/*.py)"),
+    "evaluate": ("retrieval_jax.commands.evaluate",
+                 "score a model on a benchmark (--config FILE or flags)"),
+    "extract": ("retrieval_jax.commands.extract",
+                "describe images (folders, files, lists) -> descriptors.npy + paths.json"),
+    "index": ("retrieval_jax.commands.index",
+              "build an exact or ScaNN index from an extract directory"),
+    "search": ("retrieval_jax.commands.search",
+               "top-k database images of query images (printed, --json, --grid PNG)"),
+    "convert": ("retrieval_jax.commands.convert",
+                "torchvision/Keras/efficientnet-pytorch weights -> a saved Retriever"),
+    "datasets": ("retrieval_jax.commands.datasets", "list the datasets and how to obtain each"),
     "demo": ("retrieval_jax.demo", "run the interim end-to-end demo (simulated feature maps)"),
-    "train": ("retrieval_jax.train", "train a model from a config file (configs/*.py)"),
 }
 
 
@@ -31,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"retrieval-jax: unknown command {argv[0]!r}.\n\n{_usage()}", file=sys.stderr)
     return 2
   module = __import__(_SUBCOMMANDS[argv[0]][0], fromlist=["main"])
-  module.main(argv[1:])
-  return 0
+  status = module.main(argv[1:])
+  return 0 if status is None else int(status)
 
 
 if __name__ == "__main__":

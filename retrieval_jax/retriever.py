@@ -169,13 +169,24 @@ class Retriever:
                          f"{sorted(BACKBONES)}.")
       backbone_vars = jax.jit(build_backbone(key).init)(jax.random.PRNGKey(0),
                                                         jnp.zeros((1, 64, 64, 3)))
-    taps = _remap_taps(full) if full.pooling == "remap" else (BACKBONES[key].default_tap,)
-    maps = jax.eval_shape(build_backbone(key, taps=taps).apply, backbone_vars,
+    return cls.from_backbone_variables(full, backbone_vars)
+
+  @classmethod
+  def from_backbone_variables(cls, cfg: ml_collections.ConfigDict,
+                              backbone_variables: dict[str, Any]) -> Retriever:
+    """A Retriever on given backbone variables (converted or trained weights) with a freshly
+    initialised head, built from a full config (:func:`default_config` fields)."""
+    key = cfg.backbone.replace("-", "_")
+    if key not in BACKBONES:
+      raise ValueError(f"config backbone {cfg.backbone!r} is unknown; available: "
+                       f"{sorted(BACKBONES)}.")
+    taps = _remap_taps(cfg) if cfg.pooling == "remap" else (BACKBONES[key].default_tap,)
+    maps = jax.eval_shape(build_backbone(key, taps=taps).apply, backbone_variables,
                           jnp.zeros((1, 128, 128, 3)))
     maps = [jnp.zeros(maps[t].shape) for t in taps]
-    head = _build_head(full)
-    head_vars = head.init(jax.random.PRNGKey(1), maps if full.pooling == "remap" else maps[0])
-    return cls(full, {"backbone": dict(backbone_vars), "head": dict(head_vars)})
+    head = _build_head(cfg)
+    head_vars = head.init(jax.random.PRNGKey(1), maps if cfg.pooling == "remap" else maps[0])
+    return cls(cfg, {"backbone": dict(backbone_variables), "head": dict(head_vars)})
 
   @classmethod
   def from_pretrained(cls, name: str = "efficientnet-lite0", *, pooling: str = "gem",

@@ -23,8 +23,8 @@ import pytest
 
 from retrieval_jax import Retriever
 from retrieval_jax.data.datasets import InstanceSet
-from retrieval_jax.train import apply_override, load_config_file
-from retrieval_jax.train import main as train_main
+from retrieval_jax.config_files import apply_override, load_config_file
+from retrieval_jax.commands.train import main as train_main
 from retrieval_jax.training.config import (check_training_set, default_train_config,
                                            validate_config)
 from retrieval_jax.training.loop import TrainingDivergedError, train
@@ -61,7 +61,7 @@ TINY_CONFIG = textwrap.dedent("""
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from retrieval_jax.train import load_config_file
+    from retrieval_jax.config_files import load_config_file
     from retrieval_jax.training.loop import train
 
     def hook(info):

@@ -15,64 +15,11 @@ diverged run (NaN/Inf) exits 1.
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import logging
-import pathlib
 import sys
-from typing import Any
-
-import ml_collections
-
-_PREFIX = "--config."
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of the Python file at ``path``."""
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise ValueError(f"--config: {path} is not a file.")
-  spec = importlib.util.spec_from_file_location(f"_retrieval_jax_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"--config: {path} defines no get_config().")
-  return module.get_config()
-
-
-def _parse_value(text: str) -> Any:
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text  # a bare word: a string field (loss.name=triplet)
-
-
-def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> None:
-  """Sets the dotted ``field`` of ``cfg`` from its command-line ``text``.
-
-  Raises:
-    ValueError: an unknown field, or a value that does not fit the field's type, naming it.
-  """
-  *parents, leaf = field.split(".")
-  node = cfg
-  for i, part in enumerate(parents):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ValueError(f"{_PREFIX}{field}: {'.'.join(parents[:i + 1])} is not a config section.")
-    node = node[part]
-  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    raise ValueError(f"{_PREFIX}{field}: {field} is not a config field.")
-  value = _parse_value(text)
-  if isinstance(value, list):
-    value = tuple(value)
-  try:
-    node[leaf] = value
-  except TypeError:
-    # "123" for a string field: keep the text as written.
-    try:
-      node[leaf] = text
-    except TypeError as err:
-      raise ValueError(f"{_PREFIX}{field}={text}: does not fit the field's type ({err})."
-                       ) from None
+from retrieval_jax.config_files import CONFIG_PREFIX, apply_override, load_config_file
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
@@ -80,8 +27,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
   overrides, rest, i = [], [], 0
   while i < len(argv):
     arg = argv[i]
-    if arg.startswith(_PREFIX):
-      body = arg[len(_PREFIX):]
+    if arg.startswith(CONFIG_PREFIX):
+      body = arg[len(CONFIG_PREFIX):]
       if "=" in body:
         field, text = body.split("=", 1)
       elif i + 1 < len(argv):
