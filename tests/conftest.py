@@ -11,6 +11,14 @@ if _FORCE_DEVICES.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FORCE_DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# torch (parity tests) must load before TensorFlow (TFDS builders, ScaNN's op library): importing
+# torch after TensorFlow 2.20 segfaults in triton's import on this platform, while the other
+# order works. Collection imports test modules alphabetically, so settle the order here.
+try:
+  import torch  # noqa: E402, F401
+except ImportError:
+  pass
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
