@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import pathlib
 from typing import Any
 
@@ -13,17 +14,40 @@ import ml_collections
 CONFIG_PREFIX = "--config."
 
 
+def split_config_path(path: str) -> tuple[str, str | None]:
+  """``"configs/x.py:quick"`` -> ``("configs/x.py", "quick")`` (ml_collections' config-string
+  convention); a path without a ``:variant`` suffix (or an existing file whose name has a
+  colon) -> ``(path, None)``."""
+  if pathlib.Path(path).is_file():
+    return path, None
+  head, sep, variant = path.rpartition(":")
+  if sep and head and "/" not in variant and "\\" not in variant:
+    return head, variant
+  return path, None
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of the Python file at ``path``."""
-  file = pathlib.Path(path)
+  """``get_config()`` of the Python file at ``path``, or ``get_config(variant)`` for
+  ``path:variant`` (``--config configs/dlrtn_rgmp.py:quick``)."""
+  file_path, variant = split_config_path(path)
+  file = pathlib.Path(file_path)
   if not file.is_file():
-    raise ValueError(f"--config: {path} is not a file.")
+    raise ValueError(f"--config: {file_path} is not a file.")
   spec = importlib.util.spec_from_file_location(f"_retrieval_jax_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"--config: {path} defines no get_config().")
-  return module.get_config()
+    raise ValueError(f"--config: {file_path} defines no get_config().")
+  if variant is None:
+    return module.get_config()
+  try:
+    parameters = inspect.signature(module.get_config).parameters
+  except (TypeError, ValueError):
+    parameters = {"variant": None}
+  if not parameters:
+    raise ValueError(f"--config: {file_path} has no variants (its get_config() takes no "
+                     f"argument); got {path!r}.")
+  return module.get_config(variant)
 
 
 def _parse_value(text: str) -> Any:
@@ -43,7 +67,8 @@ def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> Non
   node = cfg
   for i, part in enumerate(parents):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ValueError(f"{CONFIG_PREFIX}{field}: {'.'.join(parents[:i + 1])} is not a config section.")
+      raise ValueError(f"{CONFIG_PREFIX}{field}: {'.'.join(parents[:i + 1])} is not a config "
+                       f"section.")
     node = node[part]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     raise ValueError(f"{CONFIG_PREFIX}{field}: {field} is not a config field.")

@@ -11,11 +11,12 @@ if _FORCE_DEVICES.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FORCE_DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# torch (parity tests) must load before TensorFlow (TFDS builders, ScaNN's op library): importing
-# torch after TensorFlow 2.20 segfaults in triton's import on this platform, while the other
-# order works. Collection imports test modules alphabetically, so settle the order here.
+# torchvision (parity tests) must load before TensorFlow (TFDS builders, ScaNN's op library):
+# torchvision.models imports triton, whose native library segfaults when TensorFlow 2.20 is
+# already loaded, while the other order works. Collection imports test modules alphabetically,
+# so settle the order here.
 try:
-  import torch  # noqa: E402, F401
+  import torchvision.models  # noqa: E402, F401
 except ImportError:
   pass
 

@@ -20,6 +20,10 @@ Sections (every field, with its default, is in :func:`default_train_config`):
 - ``train``: epochs, global batch size, seed, evaluation / checkpoint periods.
 - ``eval``: the fields of :func:`retrieval_jax.evaluation.default_eval_config`, used for the
   periodic validation mAP.
+- ``stages``: optional multi-stage training (DLRTN + RGMP): a list of partial configs run in
+  order, each the top-level config updated with its fields (sections ``model`` (not its
+  backbone), ``loss``, ``mining``, ``optimizer``, ``train``), each starting from the previous
+  stage's final variables; :func:`stage_configs` expands them. Empty: one run of the config.
 
 :func:`validate_config` checks everything that can be checked without data or a model and
 raises ``ValueError`` naming the dotted field (``loss.margin must be >= 0; got -0.1``);
@@ -72,6 +76,8 @@ LOSSES: dict[str, LossSpec] = {
     "batch_hard": LossSpec("batch", {"margin": ">=0", "squared": "bool"}),
     "batch_all": LossSpec("batch", {"margin": ">=0", "squared": "bool"}),
     "nra": LossSpec("batch", {"alpha": ">0", "eps": ">0"}),  # DARAC
+    # DLRTN Eq. 5: triplet (squared, Eq. 1) + lambda x softmax loss of a classifier on [q, d+].
+    "dlrtn": LossSpec("tuple", {"margin": ">=0", "classification_weight": ">=0"}),
     "smooth_ap": LossSpec("batch", {"temperature": ">0"}),
 }
 
@@ -121,6 +127,7 @@ def default_train_config() -> ml_collections.ConfigDict:
           "alpha": 4.0,  # nra
           "eps": 1e-4,  # nra
           "temperature": 0.01,  # smooth_ap
+          "classification_weight": 1.5,  # dlrtn: lambda (Eq. 5)
       },
       "mining": {
           "negatives": "hard",  # hard (mined with the current model) | random (no model)
@@ -145,8 +152,14 @@ def default_train_config() -> ml_collections.ConfigDict:
           "log_every_steps": 1,
           "progress": True,  # tqdm progress bar
           "debug_nan_at_step": optional_int(),  # test hook: the loss becomes NaN at this step
+          # A saved Retriever (e.g. `retrieval-jax convert` of torchvision ImageNet weights)
+          # whose backbone variables start training (backbones without a pretrained package:
+          # VGG16, ResNet-101, ...). Same model.backbone required. None: model.pretrained.
+          "init_backbone": optional_str(),
       },
       "eval": _default_eval(),
+      # [{section: {field: value}}, ...]: training stages (module docstring); [] for one run.
+      "stages": [],
   })
 
 
@@ -218,6 +231,82 @@ def _check_keys(cfg: ml_collections.ConfigDict, reference: ml_collections.Config
       _check_keys(cfg[key], reference[key], f"{name}.")
 
 
+#: The sections a stage may override; the data and the evaluation stay those of the run.
+STAGE_SECTIONS = ("model", "loss", "mining", "optimizer", "train")
+#: Fields a stage may not change: every stage continues the previous stage's backbone.
+STAGE_FIXED = ("model.backbone", "model.pretrained")
+
+
+def update_config(node: ml_collections.ConfigDict, values: Mapping[str, Any],
+                  prefix: str = "") -> None:
+  """Sets the fields of ``node`` named in the nested mapping ``values``, recursively.
+
+  Lists become tuples, except ``param_groups`` and ``stages`` (lists of mappings).
+
+  Raises:
+    ValueError: an unknown field or a value of the wrong type, named ``prefix`` + dotted path.
+  """
+  for key, value in values.items():
+    name = f"{prefix}{key}"
+    if key not in node:
+      raise ValueError(f"{name} is not a config field; {prefix.rstrip('.') or 'the config'} "
+                       f"has {sorted(node.keys())}.")
+    if isinstance(value, ml_collections.ConfigDict):
+      value = value.to_dict()
+    if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, Mapping) and \
+        key != "param_groups":
+      update_config(node[key], value, f"{name}.")
+    else:
+      keep_list = key in ("param_groups", "stages")
+      try:
+        node[key] = tuple(value) if isinstance(value, list) and not keep_list else value
+      except TypeError as err:
+        raise ValueError(f"{name}: {value!r} does not fit the field's type ({err}).") from None
+
+
+def stage_configs(cfg: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+  """The configs of ``cfg.stages``: stage ``i`` is ``cfg`` (without ``stages``) updated with
+  ``cfg.stages[i]``; ``[cfg]`` when there are no stages.
+
+  Raises:
+    ValueError: a stage that is not a mapping, names a section outside :data:`STAGE_SECTIONS`
+      or a field of :data:`STAGE_FIXED`, or an unknown field / a value of the wrong type, named
+      ``stages[i].<field>``.
+  """
+  stages = cfg.stages
+  if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, (list, tuple)):
+    _fail("stages", f"must be a list of partial configs (mappings); got {stages!r}.")
+  base = {k: v for k, v in cfg.to_dict().items() if k != "stages"}
+  if not stages:
+    single = default_train_config()  # the fields' types, as resolve_config keeps them
+    update_config(single, base)
+    return [single]
+  out = []
+  for i, overrides in enumerate(stages):
+    name = f"stages[{i}]"
+    if isinstance(overrides, ml_collections.ConfigDict):
+      overrides = overrides.to_dict()
+    if not isinstance(overrides, Mapping):
+      _fail(name, f"must be a mapping of config sections; got {overrides!r}.")
+    for section, fields in overrides.items():
+      if section not in STAGE_SECTIONS:
+        _fail(f"{name}.{section}", f"cannot be set per stage; a stage may set "
+                                   f"{list(STAGE_SECTIONS)} (every stage trains on the same "
+                                   f"data and is evaluated alike).")
+      if not isinstance(fields, Mapping):
+        _fail(f"{name}.{section}", f"must be a mapping of fields; got {fields!r}.")
+      for fixed in STAGE_FIXED:
+        top, _, field = fixed.partition(".")
+        if section == top and field in fields:
+          _fail(f"{name}.{fixed}", f"cannot be set per stage: every stage continues the "
+                                   f"previous stage's weights; set {fixed} at the top level.")
+    stage = default_train_config()
+    update_config(stage, base)
+    update_config(stage, overrides, f"{name}.")
+    out.append(stage)
+  return out
+
+
 def loss_kind(cfg: ml_collections.ConfigDict) -> str:
   """``"tuple"`` or ``"batch"``: which step and which sampler ``cfg.loss.name`` uses."""
   return LOSSES[cfg.loss.name].kind
@@ -236,6 +325,27 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> Non
       (e.g. ``train.batch_size 6 is not divisible by the 4 devices``).
   """
   _check_keys(cfg, default_train_config())
+  stages = stage_configs(cfg)  # checks the stages' structure and fields
+  if cfg.stages:
+    # The top level first: an error there is the top-level field's, not a stage's.
+    _validate_one(_without_stages(cfg), num_devices)
+    for i, stage in enumerate(stages):
+      try:
+        _validate_one(stage, num_devices)
+      except ValueError as err:
+        raise ValueError(f"stages[{i}].{err}") from None
+    return
+  _validate_one(cfg, num_devices)
+
+
+def _without_stages(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  out = default_train_config()
+  update_config(out, {k: v for k, v in cfg.to_dict().items() if k != "stages"})
+  return out
+
+
+def _validate_one(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+  """:func:`validate_config` of one stage (a config without ``stages``)."""
   # Model.
   backbone = str(cfg.model.backbone).replace("-", "_")
   if backbone not in BACKBONES:
@@ -321,9 +431,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> Non
                                "mining.negatives='random' never computes; use 'random'.")
     if not isinstance(cfg.mining.active_only, bool):
       _fail("mining.active_only", f"must be True or False; got {cfg.mining.active_only!r}.")
-    if cfg.mining.active_only and (name != "triplet" or epochs is None or
+    if cfg.mining.active_only and (name not in ("triplet", "dlrtn") or epochs is None or
                                    cfg.mining.negatives != "hard"):
-      _fail("mining.active_only", "needs loss.name='triplet', mining.negatives='hard' and "
+      _fail("mining.active_only", "needs loss.name='triplet' or 'dlrtn', "
+                                  "mining.negatives='hard' and "
                                   "mining.refresh_every_epochs (DLRTN keeps the mined triplets "
                                   "that violate the triplet margin).")
   # Optimizer: its own validation, with the section's name in front.

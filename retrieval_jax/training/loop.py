@@ -33,6 +33,21 @@ are restored rather than re-mined, so an interrupted and an uninterrupted run ta
 steps on the same batches and end with equal parameters (``tests/test_train_loop.py`` kills a
 run with SIGKILL and compares).
 
+**DLRTN** (``loss.name = "dlrtn"``). The state holds a third sub-network next to ``backbone``
+and ``head``: ``classifier`` (:class:`~retrieval_jax.models.DLRTNClassifier`, one class per
+training cluster). The step embeds each tuple, the classifier maps its (query, positive)
+descriptors to logits, and :func:`dlrtn_per_tuple` adds ``classification_weight`` x their
+softmax loss (label: the query's cluster) to the triplet loss of the mined negatives. Param
+paths ``classifier/params/...`` take part in ``optimizer.param_groups``; validation and the saved
+``retriever/`` use only backbone and head.
+
+**Stages** (``cfg.stages``, :func:`~retrieval_jax.training.config.stage_configs`). Stage ``i``
+runs in ``workdir/stage_<i>`` as a run of its own (checkpoints, logs, resume) and ends by saving
+its full variables in ``stage_<i>/variables``; stage ``i + 1`` starts from them: the backbone
+as it was, the head rebuilt from the stage's ``model`` keeping every parameter of the same path
+and shape (R-MAC -> R-GAC adds a fresh ``xi``), the classifier likewise, and a fresh optimizer.
+A stage with ``summary.json`` and ``variables`` is complete and skipped on resume.
+
 **Divergence.** A non-finite loss or gradient norm stops training with
 :class:`TrainingDivergedError` naming the step; that state is never saved, so the latest
 checkpoint is the last good one.
@@ -65,8 +80,11 @@ from retrieval_jax.evaluation.runner import evaluate
 from retrieval_jax.mining import RefreshSchedule, active_triplets, mine_negatives
 from retrieval_jax.retriever import Retriever
 from retrieval_jax.training.batches import ImageBatcher, prefetch
+from retrieval_jax.models.dlrtn_classifier import DLRTNClassifier
+from retrieval_jax.models.variables_io import load_variables, save_variables
 from retrieval_jax.training.config import (LOSSES, check_training_set, default_train_config,
-                                           loss_kind, validate_config)
+                                           loss_kind, stage_configs, update_config,
+                                           validate_config)
 from retrieval_jax.training.optimizers import make_optimizer, make_schedule, trainable_mask
 from retrieval_jax.training.state import TrainState, create_train_state
 from retrieval_jax.training.steps import (data_mesh, make_batch_step, make_tuple_step, replicate,
@@ -88,24 +106,7 @@ def resolve_config(cfg: ml_collections.ConfigDict | dict | None) -> ml_collectio
   """:func:`default_train_config` updated with ``cfg`` (recursively); unknown fields fail."""
   full = default_train_config()
   given = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg or {})
-
-  def update(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
-    for key, value in values.items():
-      name = f"{prefix}{key}"
-      if key not in node:
-        raise ValueError(f"{name} is not a config field; {prefix.rstrip('.') or 'the config'} "
-                         f"has {sorted(node.keys())}.")
-      if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict) and \
-          key != "param_groups":
-        update(node[key], value, f"{name}.")
-      else:
-        try:
-          node[key] = tuple(value) if isinstance(value, list) and key != "param_groups" \
-              else value
-        except TypeError as err:
-          raise ValueError(f"{name}: {value!r} does not fit the field's type ({err}).") from None
-
-  update(full, given, "")
+  update_config(full, given)
   return full
 
 
@@ -150,6 +151,15 @@ def make_loss_fn(cfg: ml_collections.ConfigDict) -> Callable[..., tuple[jax.Arra
   ``train.debug_nan_at_step`` is set) multiplies the loss: NaN at that step, 1 elsewhere.
   """
   name, c = cfg.loss.name, cfg.loss
+  if name == "dlrtn":
+    def dlrtn_tuple_loss(tuples, valid, labels, loss_scale=None):
+      values = dlrtn_per_tuple(tuples["descriptors"], tuples["logits"][:, 0], labels,
+                               margin=c.margin, classification_weight=c.classification_weight)
+      if loss_scale is not None:
+        values = values * loss_scale
+      return sum_and_count(values, valid)
+
+    return dlrtn_tuple_loss
   if LOSSES[name].kind == "tuple":
     per_tuple = {
         "contrastive": lambda t, v: losses.tuple_contrastive_loss(t, margin=c.margin, valid=v,
@@ -184,6 +194,30 @@ def make_loss_fn(cfg: ml_collections.ConfigDict) -> Callable[..., tuple[jax.Arra
     return value, jnp.ones((), jnp.int32)
 
   return batch_loss
+
+
+def dlrtn_per_tuple(descriptors: jax.Array, logits: jax.Array, labels: jax.Array, *,
+                    margin: float, classification_weight: float) -> jax.Array:
+  """DLRTN's joint loss (Min et al. Eq. 5) per tuple, ``[T]`` (the loop takes the mean).
+
+  With one negative per tuple this is :func:`retrieval_jax.losses.dlrtn_loss` (``"none"``):
+  ``0.5 max(0, m + ||q - p||^2 - ||q - n||^2) + lambda * CE(logits, label)``; with ``k``
+  negatives the triplet term is summed over them (:func:`losses.tuple_triplet_loss`) and the
+  classification term counted once.
+
+  Args:
+    descriptors: float ``[T, 2 + k, D]`` (query, positive, negatives).
+    logits: float ``[T, C]``: the classifier on the pair ``[q, p]`` of each tuple.
+    labels: int ``[T]``: the query's class (training cluster index).
+    margin, classification_weight: ``m`` (paper 0.75) and ``lambda`` (paper 1.5).
+  """
+  if descriptors.shape[1] == 3:
+    return losses.dlrtn_loss(descriptors[:, 0], descriptors[:, 1], descriptors[:, 2], logits,
+                             labels, margin=margin, classification_weight=classification_weight,
+                             reduction="none")
+  ranking = losses.tuple_triplet_loss(descriptors, margin=margin, squared=True, reduction="none")
+  return ranking + classification_weight * losses.softmax_cross_entropy(logits, labels,
+                                                                        reduction="none")
 
 
 def headline_map(metrics: dict[str, Any]) -> float:
@@ -253,19 +287,100 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
               unit="step")
 
 
-class _Trainer:
-  """One training run's objects; :func:`train` drives it."""
+CLASSIFIER = "classifier"  # DLRTN's classification sub-network, next to backbone and head
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: pathlib.Path):
+
+def _carry_over(fresh: Any, previous: Any) -> Any:
+  """``fresh`` with every leaf that ``previous`` has at the same path, shape and dtype taken from
+  ``previous`` (a rebuilt head keeps the parameters the old one shares with it)."""
+  if previous is None:
+    return fresh
+  old = {jax.tree_util.keystr(path): leaf
+         for path, leaf in jax.tree_util.tree_flatten_with_path(previous)[0]}
+
+  def pick(path, leaf):
+    prev = old.get(jax.tree_util.keystr(path))
+    if prev is not None and np.shape(prev) == np.shape(leaf) and \
+        np.asarray(prev).dtype == np.asarray(leaf).dtype:
+      return prev
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(pick, fresh)
+
+
+def retriever_variables(variables: dict[str, Any]) -> dict[str, Any]:
+  """The ``backbone`` and ``head`` variables of a training state's variables (without the
+  training-only sub-networks, e.g. DLRTN's classifier)."""
+  return {k: v for k, v in variables.items() if k != CLASSIFIER}
+
+
+def load_backbone(directory: str | os.PathLike, backbone: str) -> dict[str, Any]:
+  """The backbone variables of a saved Retriever (``train.init_backbone``).
+
+  Raises:
+    ValueError: a missing directory, or a Retriever of another backbone, naming
+      ``train.init_backbone``.
+  """
+  path = pathlib.Path(directory)
+  if not (path / "config.json").is_file():
+    raise ValueError(f"train.init_backbone: {path} is not a saved Retriever (no config.json); "
+                     f"make one with `retrieval-jax convert ... --backbone {backbone}`.")
+  saved = Retriever.load(path)
+  if saved.config.backbone.replace("-", "_") != backbone.replace("-", "_"):
+    raise ValueError(f"train.init_backbone: {path} holds a {saved.config.backbone!r} backbone; "
+                     f"model.backbone is {backbone!r}.")
+  return saved.variables["backbone"]
+
+
+class _Trainer:
+  """One training run's objects; :func:`train` drives it.
+
+  ``init_variables`` (a previous stage's final variables): the backbone continues from them,
+  the head is rebuilt from ``cfg.model`` keeping the parameters the previous head shares with
+  it (same path and shape; a new R-GAC head gets a fresh ``xi``), and so is DLRTN's classifier.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: pathlib.Path,
+               init_variables: dict[str, Any] | None = None,
+               datasets: tuple[InstanceSet, RetrievalSet] | None = None):
     self.cfg = cfg
     self.workdir = workdir
     self.kind = loss_kind(cfg)
     self.seed = cfg.train.seed
     self.batch_size = cfg.train.batch_size
-    self.train_set, self.val_set = load_datasets(cfg.data)
+    self.train_set, self.val_set = datasets or load_datasets(cfg.data)
     check_training_set(cfg, self.train_set, cfg.mining.pool_size)
     self.ids = np.asarray(self.train_set.cluster_ids)
-    self.retriever = Retriever.from_config(cfg.model)
+    if init_variables is None and cfg.train.init_backbone:
+      init_variables = {"backbone": load_backbone(cfg.train.init_backbone, cfg.model.backbone)}
+    if init_variables is None:
+      from retrieval_jax.models import PRETRAINED  # noqa: PLC0415
+      if cfg.model.pretrained and cfg.model.backbone.replace("_", "-") not in PRETRAINED:
+        log.warning("model.backbone %r has no pretrained package: it starts from random "
+                    "weights; convert ImageNet weights (retrieval-jax convert) and set "
+                    "train.init_backbone.", cfg.model.backbone)
+      self.retriever = Retriever.from_config(cfg.model)
+    else:
+      fresh = Retriever.from_backbone_variables(cfg.model, init_variables["backbone"])
+      fresh.variables["head"] = _carry_over(fresh.variables["head"], init_variables.get("head"))
+      self.retriever = fresh
+    variables = dict(self.retriever.variables)
+    embed_fn = self.retriever.embed
+    if cfg.loss.name == "dlrtn":
+      # DLRTN: class = training cluster, numbered 0..C-1; the classifier sees the (query,
+      # positive) descriptors of each tuple.
+      clusters, self.class_ids = np.unique(self.ids, return_inverse=True)
+      self.classifier = DLRTNClassifier(num_classes=len(clusters))
+      dims = jax.eval_shape(self.retriever.embed, variables,
+                            jnp.zeros((1, cfg.data.image_size, cfg.data.image_size, 3),
+                                      jnp.uint8),
+                            jnp.ones((1, cfg.data.image_size, cfg.data.image_size), bool))
+      probe = jnp.zeros((1, dims.shape[-1]), jnp.float32)
+      classifier_vars = jax.jit(self.classifier.init)(jax.random.PRNGKey(self.seed + 2), probe,
+                                                      probe)
+      variables[CLASSIFIER] = _carry_over(
+          dict(classifier_vars), (init_variables or {}).get(CLASSIFIER))
+      embed_fn = self._dlrtn_embed
     self.batcher = ImageBatcher(self.train_set.images, image_size=cfg.data.image_size,
                                 stride=self.retriever.stride, augment=cfg.data.augment,
                                 seed=self.seed, num_workers=cfg.data.num_workers)
@@ -275,13 +390,13 @@ class _Trainer:
                                     cfg.mining.refresh_every_tuples)
     self.steps_per_epoch = self._count_steps()
     tx = make_optimizer(cfg.optimizer, self.steps_per_epoch)
-    self.initial_state = create_train_state(self.retriever.variables, tx, rng=self.seed)
+    self.initial_state = create_train_state(variables, tx, rng=self.seed)
     frozen = any(g.get("frozen") for g in cfg.optimizer.param_groups)
     options = dict(learning_rate_fn=make_schedule(cfg.optimizer, self.steps_per_epoch),
                    trainable=trainable_mask(cfg.optimizer, self.initial_state.params)
                    if frozen else None)
     factory = make_tuple_step if self.kind == "tuple" else make_batch_step
-    self.step_fn = factory(self.retriever.embed, make_loss_fn(cfg), tx, self.mesh, **options)
+    self.step_fn = factory(embed_fn, make_loss_fn(cfg), tx, self.mesh, **options)
     self.describe_fn = jax.jit(self.retriever.embed)
     # One Retriever for validation, its variables swapped per evaluation, so its extraction
     # programs compile once.
@@ -290,6 +405,17 @@ class _Trainer:
     self.eval_cfg.output_dir = None  # descriptors change every evaluation: nothing to reuse
     self.eval_cfg.cache_dir = None
     self.eval_cfg.reuse_descriptors = False
+
+  def _dlrtn_embed(self, variables: dict[str, Any], pixels: jax.Array, mask: jax.Array
+                   ) -> dict[str, jax.Array]:
+    """The tuple step's outputs for DLRTN: ``descriptors [t * n, D]`` and the classifier's
+    ``logits`` of each tuple's (query, positive) pair, repeated on the tuple's ``n`` rows
+    (``[t * n, C]``) so the step reshapes them with the descriptors."""
+    descriptors = self.retriever.embed(variables, pixels, mask)
+    n = 2 + self.cfg.mining.num_negatives
+    tuples = descriptors.reshape((-1, n) + descriptors.shape[1:])
+    logits = self.classifier.apply(variables[CLASSIFIER], tuples[:, 0], tuples[:, 1])
+    return {"descriptors": descriptors, "logits": jnp.repeat(logits, n, axis=0)}
 
   # ---------------------------------------------------------------------------- sampling
 
@@ -348,7 +474,8 @@ class _Trainer:
     rows = self._with_negatives(pairs, pool, table)
     if m.active_only:
       q, p, n = (table[rows[:, j]] for j in range(3))
-      active = active_triplets(q, p, n, margin=cfg.loss.margin, squared=cfg.loss.squared)
+      squared = cfg.loss.squared if cfg.loss.name == "triplet" else True  # DLRTN: Eq. 1
+      active = active_triplets(q, p, n, margin=cfg.loss.margin, squared=squared)
       if active.any():
         # Keep the epoch's length (and the schedule's epochs) by cycling the active tuples.
         kept = rows[active]
@@ -386,6 +513,10 @@ class _Trainer:
     else:
       chosen = rows[order[step * self.batch_size:(step + 1) * self.batch_size]]
       out = self.batcher.tuple_batch(chosen, self.batch_size, epoch=epoch, step=step)
+      if self.cfg.loss.name == "dlrtn":
+        labels = np.zeros(self.batch_size, np.int32)  # padding rows: any class, masked out
+        labels[:len(chosen)] = self.class_ids[chosen[:, 0]]
+        out["labels"] = labels
     if self.cfg.train.debug_nan_at_step is not None:
       out["loss_scale"] = np.full(self.batch_size, np.nan if nan else 1.0, np.float32)
     return out
@@ -393,7 +524,7 @@ class _Trainer:
   # ---------------------------------------------------------------------------- evaluation
 
   def validate(self, state: TrainState) -> dict[str, Any]:
-    self.eval_retriever.variables = jax.device_get(state.variables)
+    self.eval_retriever.variables = retriever_variables(jax.device_get(state.variables))
     return evaluate(self.eval_retriever, self.val_set, self.eval_cfg)["metrics"]
 
 
@@ -473,32 +604,104 @@ def train(cfg: ml_collections.ConfigDict | dict, workdir: str | os.PathLike, *,
     cfg: a training config (fields of :func:`~retrieval_jax.training.default_train_config`;
       missing ones take defaults).
     workdir: where checkpoints, ``metrics.jsonl``, ``tb/``, ``config.json``, ``summary.json``
-      and the final ``retriever/`` go.
-    resume: continue from the latest checkpoint in ``workdir`` if there is one; False refuses
-      a workdir that already holds checkpoints.
+      and the final ``retriever/`` go. With ``cfg.stages``, stage ``i`` writes its own
+      checkpoints, logs, summary and retriever under ``workdir/stage_<i>`` (plus its final
+      variables, DLRTN's classifier included, in ``stage_<i>/variables`` for the next stage);
+      ``workdir`` gets ``config.json``, the combined ``summary.json`` and the last stage's
+      ``retriever/``.
+    resume: continue from the latest checkpoint in ``workdir`` if there is one (staged: skip
+      the finished stages and continue the first unfinished one from its checkpoints); False
+      refuses a workdir that already holds checkpoints.
     on_step: called after every step (after its checkpoint, if any) with ``{"step", "epoch",
-      "step_in_epoch", "loss"}`` (progress reporting, tests).
+      "step_in_epoch", "loss"}`` (and ``"stage"`` in staged runs; steps count per stage).
 
   Returns:
     The summary (also ``workdir/summary.json``): ``steps``, ``epochs``, ``steps_per_epoch``,
     ``before_val_map``, ``final_val_map``, ``best_val_map``, ``best_step``, ``final_loss``,
     ``checkpoints`` (kept steps), ``resumed_from``, ``retriever`` (its directory),
-    ``time_s``.
+    ``time_s``. Staged runs: ``stages`` (each stage's summary), ``steps`` / ``epochs`` summed,
+    ``best_step`` counted over all stages' steps with ``best_stage``, the rest from the first
+    (``before_val_map``) or the last stage.
 
   Raises:
-    ValueError: an invalid config (naming the field) or a dataset the sampler cannot use,
-      before any training step.
+    ValueError: an invalid config (naming the field, ``stages[i].<field>`` for a stage) or a
+      dataset the sampler cannot use, before any training step.
     TrainingDivergedError: a non-finite loss or gradient norm.
   """
   start_time = time.perf_counter()
   cfg = resolve_config(cfg)
   validate_config(cfg, num_devices=jax.device_count())
   workdir = pathlib.Path(workdir).absolute()
+  if not cfg.stages:
+    return _train_stage(cfg, workdir, resume=resume, on_step=on_step)[0]
+  configs = stage_configs(cfg)
+  dirs = [workdir / f"stage_{i}" for i in range(len(configs))]
+  if not resume:
+    for d in dirs:
+      if (d / "checkpoints").exists() and any(p.name.isdigit()
+                                             for p in (d / "checkpoints").iterdir()):
+        raise ValueError(f"{workdir} already holds checkpoints ({d.name}); resume, or choose a "
+                         f"new workdir.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+  datasets = None  # loaded once, shared by the stages that run
+  summaries: list[dict[str, Any]] = []
+  for i, (stage_cfg, stage_dir) in enumerate(zip(configs, dirs)):
+    summary_file = stage_dir / "summary.json"
+    if resume and summary_file.exists() and (stage_dir / "variables").exists():
+      log.info("stage %d is complete (%s); skipping it", i, stage_dir)
+      summaries.append(json.loads(summary_file.read_text()))
+      continue
+    init = None if i == 0 else load_variables(dirs[i - 1] / "variables")
+    if datasets is None:
+      datasets = load_datasets(cfg.data)
+    hook = None if on_step is None else (lambda info, i=i: on_step({**info, "stage": i}))
+    log.info("stage %d of %d: loss %s, pooling %s", i + 1, len(configs), stage_cfg.loss.name,
+             stage_cfg.model.pooling)
+    summary, variables = _train_stage(stage_cfg, stage_dir, resume=resume, on_step=hook,
+                                      init_variables=init, datasets=datasets)
+    tmp = stage_dir / ".variables.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_variables(tmp, variables)
+    shutil.rmtree(stage_dir / "variables", ignore_errors=True)
+    os.replace(tmp, stage_dir / "variables")
+    # The stage is complete once its summary is rewritten after the variables.
+    summary_file.write_text(json.dumps(summary, indent=2))
+    summaries.append(summary)
+  _replace_retriever(Retriever.load(dirs[-1] / "retriever"), workdir / "retriever")
+  offsets = np.cumsum([0] + [s["steps"] for s in summaries])
+  best = max(range(len(summaries)), key=lambda j: -math.inf if summaries[j]["best_val_map"]
+             is None else summaries[j]["best_val_map"])
+  last = summaries[-1]
+  combined = {
+      "steps": int(offsets[-1]), "epochs": sum(s["epochs"] for s in summaries),
+      "steps_per_epoch": last["steps_per_epoch"],
+      "before_val_map": summaries[0]["before_val_map"],
+      "final_val_map": last["final_val_map"], "best_val_map": summaries[best]["best_val_map"],
+      "best_step": None if summaries[best]["best_step"] is None
+      else int(offsets[best] + summaries[best]["best_step"]),
+      "best_stage": best, "final_loss": last["final_loss"], "checkpoints": last["checkpoints"],
+      "resumed_from": next((f"stage_{j}/{s['resumed_from']}" for j, s in enumerate(summaries)
+                            if s["resumed_from"] is not None), None),
+      "retriever": str(workdir / "retriever"),
+      "time_s": round(time.perf_counter() - start_time, 2), "stages": summaries}
+  (workdir / "summary.json").write_text(json.dumps(combined, indent=2))
+  return combined
+
+
+def _train_stage(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, resume: bool,
+                 on_step: StepHook | None,
+                 init_variables: dict[str, Any] | None = None,
+                 datasets: tuple[InstanceSet, RetrievalSet] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """One run of a validated single-stage config: ``(summary, final variables)`` (the
+  variables with every sub-network the state trains, e.g. DLRTN's classifier)."""
+  start_time = time.perf_counter()
   manager_dir = workdir / "checkpoints"
   if manager_dir.exists() and any(p.name.isdigit() for p in manager_dir.iterdir()) and \
       not resume:
     raise ValueError(f"{workdir} already holds checkpoints; resume, or choose a new workdir.")
-  trainer = _Trainer(cfg, workdir)
+  trainer = _Trainer(cfg, workdir, init_variables=init_variables, datasets=datasets)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
   manager = _checkpoint_manager(manager_dir, cfg.train.keep_checkpoints)
@@ -611,7 +814,8 @@ def train(cfg: ml_collections.ConfigDict | dict, workdir: str | os.PathLike, *,
       batches.close()
       position.update(step_in_epoch=0)
     manager.wait_until_finished()
-    retriever = Retriever(trainer.retriever.config, jax.device_get(state.variables))
+    final_variables = jax.device_get(state.variables)
+    retriever = Retriever(trainer.retriever.config, retriever_variables(final_variables))
     _replace_retriever(retriever, workdir / "retriever")
   finally:
     metrics_log.close()
@@ -626,4 +830,4 @@ def train(cfg: ml_collections.ConfigDict | dict, workdir: str | os.PathLike, *,
       "resumed_from": latest, "retriever": str(workdir / "retriever"),
       "time_s": round(time.perf_counter() - start_time, 2)}
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  return summary
+  return summary, final_variables

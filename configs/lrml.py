@@ -1,0 +1,81 @@
+r"""LRML: learning to rank with multiple loss (Fan, Zhao, Zhao, Liu, Hu, Appl. Sci. 2019).
+
+Paper recipe (§4.2, Algorithm 1): Siamese pairs of the query with 1 positive and 5 negatives
+from distinct clusters, ranked by distance (the "real sequence"), ranked-threshold contrastive
+loss ``0.5 max(0, tau e^(a/n) - ||q - n_a||)^2`` with tau = 1.25 (VGG16 / ResNet-101; 0.7 for
+AlexNet); GeM with p = 2.32; Adam lr 7e-7 (1e-6 for AlexNet), momentum 0.9; training images
+at most 362 x 362; 30 epochs; trained on the SfM clusters of Schonberger et al.
+(retrieval-SfM-120k) with Radenovic's tuple parameters (2000 queries, a 22000 image pool, 5
+tuples per batch, lr x exp(-0.01) per epoch). Learned whitening Lw, multi-scale test, and
+optionally alpha-QE.
+
+    retrieval-jax convert resnet101-63fe2227.pth --format torchvision --backbone resnet101 \
+        --out weights/resnet101_imagenet
+    retrieval-jax train --config configs/lrml.py --workdir runs/lrml \
+        --config.data.data_dir=PATH/TO/tensorflow_datasets
+    retrieval-jax train --config configs/lrml.py:quick --workdir runs/lrml_quick
+
+Reported (mAP %, Lw + multi-scale, LRML Table 5): ResNet-101 Oxford5k 87.9, Oxford105k 84.8,
+Paris6k 93.8, Paris106k 87.5, Holidays 93.3; with alpha-QE Oxford5k 92.0, Oxford105k 90.5,
+Paris6k 96.7, Paris106k 93.8. VGG16: 83.2, 78.6, 89.4, 83.8 (90.0, 86.9, 94.2, 89.9 with QE).
+
+Our measurement: not yet run (neither the paper recipe nor ``quick``).
+"""
+
+from retrieval_jax.training.config import default_train_config
+
+
+def get_config(variant: str = ""):
+  """The paper recipe, or ``"quick"``: the same method on the synthetic benchmark."""
+  cfg = default_train_config()
+  cfg.model.backbone = "resnet101"
+  cfg.model.pooling = "gem"
+  cfg.model.p = 2.32  # LRML §4.4.2
+  cfg.train.init_backbone = "weights/resnet101_imagenet"
+
+  cfg.data.source = "tfds"
+  cfg.data.train = "retrieval_sfm/sfm120k"
+  cfg.data.val = "original_landmarks/oxford5k"
+  cfg.data.data_dir = "tensorflow_datasets"
+  cfg.data.image_size = 362
+
+  cfg.loss.name = "lrml"
+  cfg.loss.tau = 1.25
+
+  cfg.mining.negatives = "hard"
+  cfg.mining.num_negatives = 5
+  cfg.mining.query_size = 2000
+  cfg.mining.pool_size = 22000
+  cfg.mining.refresh_every_epochs = 1
+
+  cfg.optimizer.optimizer = "adam"
+  cfg.optimizer.learning_rate = 7e-7
+  cfg.optimizer.adam_b1 = 0.9
+  cfg.optimizer.lr_decay = 0.01
+
+  cfg.train.epochs = 30
+  cfg.train.batch_size = 5
+  cfg.train.checkpoint_every_steps = 200
+  cfg.eval.max_size = 1024
+  if variant == "quick":
+    _quick(cfg)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; known: 'quick'.")
+  return cfg
+
+
+def _quick(cfg) -> None:
+  cfg.model.backbone = "efficientnet_lite0"
+  cfg.model.pretrained = True
+  cfg.train.init_backbone = None
+  cfg.data.source = "synthetic"
+  cfg.data.preset = "small"
+  cfg.data.train = cfg.data.val = cfg.data.data_dir = None
+  cfg.data.image_size = 128
+  cfg.mining.query_size = 120
+  cfg.mining.pool_size = 300
+  cfg.optimizer.learning_rate = 1e-5
+  cfg.train.epochs = 3
+  cfg.train.batch_size = 4
+  cfg.train.checkpoint_every_steps = 50
+  cfg.eval.max_size = 256
