@@ -30,7 +30,7 @@ Holidays 95.5; single resolution DARAC-GL + PCAw at 540 px: 82.2, 91.9, 95.5.
 Our measurement: not yet run (neither the paper recipe nor ``quick``).
 """
 
-from retrieval_jax.training.config import default_train_config
+from retrieval_jax.training.config import default_train_config, quick_synthetic, select_variant
 
 
 def get_config(variant: str = ""):
@@ -68,26 +68,11 @@ def get_config(variant: str = ""):
   cfg.train.batch_size = 64  # k x n
   cfg.train.checkpoint_every_steps = 1000
   cfg.eval.max_size = 1024  # PCA whitening: at evaluation (retrieval-jax evaluate --whitening)
-  if variant == "quick":
-    _quick(cfg)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}; known: 'quick'.")
-  return cfg
+  return select_variant(cfg, variant, {"quick": _quick})
 
 
 def _quick(cfg) -> None:
-  cfg.model.backbone = "efficientnet_lite0"
-  cfg.model.pretrained = True
-  cfg.model.scales = cfg.eval.scales = (1.0,)
-  cfg.train.init_backbone = None
-  cfg.data.source = "synthetic"
-  cfg.data.preset = "small"
-  cfg.data.train = cfg.data.val = cfg.data.data_dir = None
-  cfg.data.image_size = 128
+  quick_synthetic(cfg, epochs=2, batch_size=16)
   cfg.data.classes_per_batch = 4
   cfg.data.samples_per_class = 4
   cfg.optimizer.learning_rate = 1e-3
-  cfg.train.epochs = 2
-  cfg.train.batch_size = 16
-  cfg.train.checkpoint_every_steps = 50
-  cfg.eval.max_size = 256

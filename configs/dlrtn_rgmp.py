@@ -31,7 +31,7 @@ Paris6k 95.5, Paris106k 89.8. L-R-MAC baseline: 83.1, 78.6, 87.1, 79.7 (Table II
 Our measurement: not yet run (neither the paper recipe nor ``quick``).
 """
 
-from retrieval_jax.training.config import default_train_config
+from retrieval_jax.training.config import default_train_config, quick_synthetic
 
 MARGIN = 0.75  # DLRTN §IV-A
 LAMBDA = 1.5  # Eq. 5
@@ -81,7 +81,7 @@ def get_config(variant: str = ""):
     _quick(cfg)
     stage2_epochs = 2
   elif variant:
-    raise ValueError(f"unknown variant {variant!r}; known: 'quick'.")
+    raise ValueError(f"unknown variant {variant!r}; known: ['quick'].")
   cfg.stages = [
       {},  # stage 1: DLRTN, as above
       {  # stage 2: RGMP, only the pooling trains
@@ -96,21 +96,9 @@ def get_config(variant: str = ""):
 
 def _quick(cfg) -> None:
   """EfficientNet-Lite0 (ImageNet) at 128 px on the synthetic ``small`` preset."""
-  cfg.model.backbone = "efficientnet_lite0"
-  cfg.model.pretrained = True
-  cfg.train.init_backbone = None
-  cfg.data.source = "synthetic"
-  cfg.data.preset = "small"
-  cfg.data.train = cfg.data.val = cfg.data.data_dir = None
-  cfg.data.image_size = 128
-  cfg.mining.query_size = 120
-  cfg.mining.pool_size = 300
+  quick_synthetic(cfg, batch_size=8)
   cfg.mining.refresh_every_epochs = 2
   cfg.optimizer.learning_rate = 1e-5
   # The last block and the head convolution: EfficientNet's "conv5_3 and later".
   cfg.optimizer.param_groups = [{"pattern": r"^backbone/params/(stem|stage[1-6]_)",
                                  "frozen": True}]
-  cfg.train.epochs = 3
-  cfg.train.batch_size = 8
-  cfg.train.checkpoint_every_steps = 50
-  cfg.eval.max_size = 256

@@ -27,7 +27,7 @@ PyTorch re-training: ROxford 65.4 (M) / 40.1 (H), RParis 76.7 (M) / 55.2 (H) (ci
 Our measurement: not yet run (neither the paper recipe nor ``quick``).
 """
 
-from retrieval_jax.training.config import default_train_config
+from retrieval_jax.training.config import default_train_config, quick_synthetic, select_variant
 
 
 def get_config(variant: str = ""):
@@ -62,25 +62,9 @@ def get_config(variant: str = ""):
   cfg.train.batch_size = 5
   cfg.train.checkpoint_every_steps = 200
   cfg.eval.max_size = 1024
-  if variant == "quick":
-    _quick(cfg)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}; known: 'quick'.")
-  return cfg
+  return select_variant(cfg, variant, {"quick": _quick})
 
 
 def _quick(cfg) -> None:
-  cfg.model.backbone = "efficientnet_lite0"
-  cfg.model.pretrained = True
-  cfg.train.init_backbone = None
-  cfg.data.source = "synthetic"
-  cfg.data.preset = "small"
-  cfg.data.train = cfg.data.val = cfg.data.data_dir = None
-  cfg.data.image_size = 128
-  cfg.mining.query_size = 120
-  cfg.mining.pool_size = 300
+  quick_synthetic(cfg)
   cfg.optimizer.learning_rate = 1e-5  # 5e-7 barely moves a network in 90 steps
-  cfg.train.epochs = 3
-  cfg.train.batch_size = 4
-  cfg.train.checkpoint_every_steps = 50
-  cfg.eval.max_size = 256

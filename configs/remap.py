@@ -31,7 +31,7 @@ Holidays 92.0 (95.5 rotated), Holidays100k 91.2, MPEG 80.1; with QE Oxford5k 92.
 Our measurement: not yet run (neither the paper recipe nor ``quick``).
 """
 
-from retrieval_jax.training.config import default_train_config
+from retrieval_jax.training.config import default_train_config, quick_synthetic, select_variant
 
 
 def get_config(variant: str = ""):
@@ -72,27 +72,10 @@ def get_config(variant: str = ""):
   cfg.train.batch_size = 1
   cfg.train.checkpoint_every_steps = 640
   cfg.eval.max_size = 1024
-  if variant == "quick":
-    _quick(cfg)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}; known: 'quick'.")
-  return cfg
+  return select_variant(cfg, variant, {"quick": _quick})
 
 
 def _quick(cfg) -> None:
-  cfg.model.backbone = "efficientnet_lite0"
-  cfg.model.pretrained = True
-  cfg.model.scales = cfg.eval.scales = (1.0,)
-  cfg.train.init_backbone = None
-  cfg.data.source = "synthetic"
-  cfg.data.preset = "small"
-  cfg.data.train = cfg.data.val = cfg.data.data_dir = None
-  cfg.data.image_size = 128
-  cfg.mining.query_size = 120
-  cfg.mining.pool_size = 300
+  quick_synthetic(cfg, checkpoint_every_steps=40)
   cfg.mining.refresh_every_tuples = 60  # twice per epoch
   cfg.optimizer.accumulate_steps = 4  # 16 triplets per update
-  cfg.train.epochs = 3
-  cfg.train.batch_size = 4
-  cfg.train.checkpoint_every_steps = 40
-  cfg.eval.max_size = 256

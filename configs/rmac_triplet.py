@@ -24,7 +24,7 @@ Oxford105k 78.6, Paris6k 87.1, Paris106k 79.7 (DLRTN Table II).
 Our measurement: not yet run (neither the paper recipe nor ``quick``).
 """
 
-from retrieval_jax.training.config import default_train_config
+from retrieval_jax.training.config import default_train_config, quick_synthetic, select_variant
 
 
 def get_config(variant: str = ""):
@@ -62,25 +62,8 @@ def get_config(variant: str = ""):
   cfg.train.batch_size = 4
   cfg.train.checkpoint_every_steps = 500
   cfg.eval.max_size = 1024
-  if variant == "quick":
-    _quick(cfg)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}; known: 'quick'.")
-  return cfg
+  return select_variant(cfg, variant, {"quick": _quick})
 
 
 def _quick(cfg) -> None:
-  cfg.model.backbone = "efficientnet_lite0"
-  cfg.model.pretrained = True
-  cfg.model.scales = cfg.eval.scales = (1.0,)
-  cfg.train.init_backbone = None
-  cfg.data.source = "synthetic"
-  cfg.data.preset = "small"
-  cfg.data.train = cfg.data.val = cfg.data.data_dir = None
-  cfg.data.image_size = 128
-  cfg.mining.query_size = 120
-  cfg.mining.pool_size = 300
-  cfg.train.epochs = 3
-  cfg.train.batch_size = 4
-  cfg.train.checkpoint_every_steps = 50
-  cfg.eval.max_size = 256
+  quick_synthetic(cfg)
