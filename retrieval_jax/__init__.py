@@ -57,17 +57,15 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ExactIndex", "ProductQuantizer", "Retriever", "ScannIndex", "ShardedIndex", "build_index",
-    "exact_search", "search", "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
-    "combine_scales", "compute_map", "database_side_augmentation", "default_eval_config",
-    "distances", "evaluate",
-    "estimate_region_weights", "exclude_query_gnd", "fixed_rmac_regions", "gem", "kl_weighting",
-    "losses", "multiscale",
-    "region_kl_divergence", "scale_sizes",
-    "hit_rate_at_k", "holidays_map", "l2n", "learn_lw", "learn_pca_whitening", "mac", "metrics",
-    "normalization", "original_gnd", "paired_cosine_similarity", "paired_euclidean",
+    "alpha_query_expansion", "apply_whitening", "average_query_expansion", "boxes_to_cells",
+    "build_index", "combine_scales", "compute_map", "database_side_augmentation",
+    "default_eval_config", "distances", "estimate_region_weights", "evaluate", "exact_search",
+    "ExactIndex", "exclude_query_gnd", "fixed_rmac_regions", "gem", "hit_rate_at_k", "holidays_map",
+    "kl_weighting", "l2n", "learn_lw", "learn_pca_whitening", "losses", "mac", "metrics",
+    "multiscale", "normalization", "original_gnd", "paired_cosine_similarity", "paired_euclidean",
     "paired_squared_euclidean", "pairwise_cosine_distance", "pairwise_cosine_similarity",
-    "pairwise_euclidean", "pairwise_squared_euclidean", "pooling", "recall_at_k", "regional_pool",
-    "regions", "rerank", "revisited_gnd", "rmac", "rmac_region_table", "rmac_regions", "spoc",
-    "top_k_similar", "ukbench_ns_score", "whitening",
+    "pairwise_euclidean", "pairwise_squared_euclidean", "pooling", "ProductQuantizer",
+    "recall_at_k", "region_kl_divergence", "regional_pool", "regions", "rerank", "Retriever",
+    "revisited_gnd", "rmac", "rmac_region_table", "rmac_regions", "scale_sizes", "ScannIndex",
+    "search", "ShardedIndex", "spoc", "top_k_similar", "ukbench_ns_score", "whitening"
 ]

@@ -84,3 +84,25 @@ def apply_override(cfg: ml_collections.ConfigDict, field: str, text: str) -> Non
     except TypeError as err:
       raise ValueError(f"{CONFIG_PREFIX}{field}={text}: does not fit the field's type ({err})."
                        ) from None
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """``argv`` without its ``--config.<field>=<value>`` (or ``--config.<field> <value>``)
+  overrides, and the ``(field, text)`` overrides in command-line order."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith(CONFIG_PREFIX):
+      body = arg[len(CONFIG_PREFIX):]
+      if "=" in body:
+        field, text = body.split("=", 1)
+      elif i + 1 < len(argv):
+        field, text = body, argv[i + 1]
+        i += 1
+      else:
+        raise ValueError(f"{arg} needs a value ({arg}=VALUE).")
+      overrides.append((field, text))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides

@@ -27,9 +27,9 @@ import sys
 import ml_collections
 
 from retrieval_jax.commands import _common
+from retrieval_jax.config_files import split_overrides
 
 NAME = "evaluate"
-_PREFIX = "--config."
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -83,27 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--save-ranks", action="store_true", help="also write ranks.npy")
   parser.add_argument("--out", metavar="DIR", help="report.json and the descriptor cache")
   return parser
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-  """``argv`` without the ``--config.<field>[=]<value>`` overrides, and the overrides."""
-  rest, overrides, i = [], [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith(_PREFIX):
-      body = arg[len(_PREFIX):]
-      if "=" in body:
-        field, text = body.split("=", 1)
-      elif i + 1 < len(argv):
-        field, text = body, argv[i + 1]
-        i += 1
-      else:
-        raise _common.CommandError(f"{arg} needs a value ({arg}=VALUE).")
-      overrides.append((field, text))
-    else:
-      rest.append(arg)
-    i += 1
-  return rest, overrides
 
 
 def resolve_config(args: argparse.Namespace, overrides: list[tuple[str, str]]

@@ -19,27 +19,12 @@ import logging
 import sys
 
 
-from retrieval_jax.config_files import CONFIG_PREFIX, apply_override, load_config_file
+from retrieval_jax.config_files import apply_override, load_config_file, split_overrides
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
   """The options and the ``(field, text)`` overrides, in command-line order."""
-  overrides, rest, i = [], [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith(CONFIG_PREFIX):
-      body = arg[len(CONFIG_PREFIX):]
-      if "=" in body:
-        field, text = body.split("=", 1)
-      elif i + 1 < len(argv):
-        field, text = body, argv[i + 1]
-        i += 1
-      else:
-        raise ValueError(f"{arg} needs a value ({arg}=VALUE).")
-      overrides.append((field, text))
-    else:
-      rest.append(arg)
-    i += 1
+  rest, overrides = split_overrides(argv)
   parser = argparse.ArgumentParser(
       prog="retrieval-jax train", description="Train a retrieval model from a config file.",
       epilog="Override any field with --config.<dotted.field>=<value>.")

@@ -77,11 +77,12 @@ def build_backbone(name: str, **options: Any) -> nn.Module:
 
 
 __all__ = [
-    "BACKBONES", "BackboneInfo", "DLRTNClassifier", "DaracHead", "EfficientNetLite", "GlobalPoolHead", "NORM_MODES",
-    "PRETRAINED", "RegionalHead", "RemapHead", "UnsafeCheckpointError", "Whitening",
-    "aggregation_parameter_count", "build_backbone", "convert", "darac", "darac_init_whitening",
-    "effective_klw", "fixed_rmac_regions", "fold_batch_norm", "fold_darac_batch_norm", "heads",
-    "learn_head_whitening", "load_pretrained", "load_torch_pickle", "load_torch_state_dict",
-    "load_variables", "preprocess", "remap", "remap_init_from_data", "remap_region_descriptors",
-    "replace_whitening", "resnet", "save_variables", "vgg", "whitening_params",
+    "aggregation_parameter_count", "BackboneInfo", "BACKBONES", "build_backbone", "convert",
+    "darac", "darac_init_whitening", "DaracHead", "DLRTNClassifier", "effective_klw",
+    "EfficientNetLite", "fixed_rmac_regions", "fold_batch_norm", "fold_darac_batch_norm",
+    "GlobalPoolHead", "heads", "learn_head_whitening", "load_pretrained", "load_torch_pickle",
+    "load_torch_state_dict", "load_variables", "NORM_MODES", "preprocess", "PRETRAINED",
+    "RegionalHead", "remap", "remap_init_from_data", "remap_region_descriptors", "RemapHead",
+    "replace_whitening", "resnet", "save_variables", "UnsafeCheckpointError", "vgg", "Whitening",
+    "whitening_params"
 ]
