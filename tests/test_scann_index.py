@@ -108,7 +108,7 @@ def test_bad_arguments_are_refused(ah_index):
 def test_default_params_follow_the_database_size():
   assert default_params(10_000)["num_leaves"] == 0  # no tree for small databases
   params = default_params(1_000_000)
-  assert params["num_leaves"] == 1000 and params["leaves_to_search"] == 300
+  assert params["num_leaves"] == 1000 and params["leaves_to_search"] == 350
 
 
 def test_build_index_modes(clustered):
