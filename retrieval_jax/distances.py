@@ -19,7 +19,7 @@ from jax import lax
 
 from retrieval_jax._validation import check_finite, check_ndim
 from retrieval_jax.normalization import l2n
-from retrieval_jax.search.exact import scan_top_k
+from retrieval_jax.search.exact import check_k, check_query_database, scan_top_k
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -198,16 +198,8 @@ def top_k_similar(queries: jax.Array, database: jax.Array, k: int, *,
     ``(scores, indices)``: float ``[Q, k]`` inner products, decreasing along each row (at least
     float32), and int32 ``[Q, k]`` database row indices.
   """
-  check_ndim("queries", queries, 2, "[Q, D]")
-  check_ndim("database", database, 2, "[N, D]")
-  q_shape, db_shape = tuple(jnp.shape(queries)), tuple(jnp.shape(database))
-  if q_shape[1] != db_shape[1]:
-    raise ValueError(
-        f"queries and database must have the same descriptor dimension D; got queries "
-        f"{q_shape} and database {db_shape}.")
-  n = db_shape[0]
-  if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-    raise ValueError(f"k must be an int in [1, N={n}] (N = database rows); got {k!r}.")
+  _, (n, _) = check_query_database(queries, database)
+  k = check_k(k, n)
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
   check_finite("queries", queries)

@@ -158,7 +158,19 @@ def plan_batches(num_queries: int, num_rows: int, k: int, *, chunk_size: int | N
   return batch, chunk
 
 
-def _check_k(k, n: int) -> int:
+def check_query_database(queries, database) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Shapes ``([Q, D], [N, D])`` of a search's inputs, raising unless both are 2-D with one D."""
+  check_ndim("queries", queries, 2, "[Q, D]")
+  check_ndim("database", database, 2, "[N, D]")
+  q_shape, db_shape = tuple(np.shape(queries)), tuple(np.shape(database))
+  if q_shape[1] != db_shape[1]:
+    raise ValueError(
+        f"queries and database must have the same descriptor dimension D; got queries "
+        f"{q_shape} and database {db_shape}.")
+  return q_shape, db_shape
+
+
+def check_k(k, n: int) -> int:
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
     raise ValueError(f"k must be an int in [1, N={n}] (N = database rows); got {k!r}.")
   return int(k)
@@ -190,15 +202,9 @@ def exact_search(queries, database, k: int, *, chunk_size: int | None = None,
     ``(scores, indices)``: float32 ``[Q, k]`` (float64 with x64 and float64 inputs), decreasing
     along each row, and int32 ``[Q, k]`` database row indices.
   """
-  check_ndim("queries", queries, 2, "[Q, D]")
-  check_ndim("database", database, 2, "[N, D]")
-  q_shape, db_shape = tuple(np.shape(queries)), tuple(np.shape(database))
-  if q_shape[1] != db_shape[1]:
-    raise ValueError(
-        f"queries and database must have the same descriptor dimension D; got queries "
-        f"{q_shape} and database {db_shape}.")
+  q_shape, db_shape = check_query_database(queries, database)
   n = db_shape[0]
-  k = _check_k(k, n)
+  k = check_k(k, n)
   if chunk_size is not None:
     chunk_size = check_positive_int("chunk_size", chunk_size)
   max_score_bytes = check_positive_int("max_score_bytes", max_score_bytes)
