@@ -403,10 +403,6 @@ def test_modules_run_as_scripts(tmp_path):
   assert done.stderr.strip().splitlines() == [
       "retrieval-jax datasets: error: unrecognized arguments: --bogus (see 'retrieval-jax "
       "datasets --help')"]
-  from retrieval_jax import cli
-
-  if "datasets" not in cli._SUBCOMMANDS:
-    pytest.skip("retrieval_jax.cli does not dispatch to retrieval_jax.commands yet")
   done = run("retrieval_jax.cli", "datasets", "roxford5k")
   assert done.returncode == 0 and "gnd_roxford5k.pkl" in done.stdout
   done = run("retrieval_jax.cli", "index", "--descriptors", str(tmp_path / "no"), "--out",
