@@ -62,4 +62,4 @@ def get_config(variant: str = ""):
 
 def _quick(cfg) -> None:
   quick_synthetic(cfg)
-  cfg.optimizer.learning_rate = 1e-5
+  cfg.optimizer.learning_rate = 5e-5
