@@ -1,12 +1,18 @@
 r"""Demo: fine-tune ImageNet EfficientNet-Lite0 + GeM on the synthetic benchmark, on a CPU.
 
-    retrieval-jax train --config configs/demo.py --workdir runs/demo
+    make demo       # retrieval-jax demo --out runs/demo (retrieval_jax/demo.py)
+    retrieval-jax train --config configs/demo.py --workdir runs/demo/train   # training alone
+
+``make demo`` scores the ImageNet model on the ``small`` preset's test split, trains this config
+in ``runs/demo/train``, scores the result again, searches a ScaNN index of the test database and
+writes ``runs/demo/report.json`` with the figures (``training_curve.png``, ``pr_curve.png``,
+``results.png``).
 
 Contrastive loss on cirtorch tuples (query, positive, 5 hard negatives mined every epoch with
 the current model from a pool of 300 training photos), Adam at 5e-5, 5 epochs of 120 tuples at
 128 px, validation mAP (revisited protocols, queries cropped, at the training size of 128 px)
 before training and after every epoch on the ``small`` preset's val split (generated in about
-40 s; nothing is downloaded). The trained model is ``runs/demo/retriever`` (``Retriever.load``).
+40 s; nothing is downloaded). The trained model is ``<workdir>/retriever`` (``Retriever.load``).
 
 Measured once (seed 0, idle 2-core CPU, 326 s of training in all), validation revisited mAP on
 the ``small`` val split (20 queries, so a point or two is noise):
@@ -26,7 +32,8 @@ checkpoint kept as best). Two earlier runs of the same recipe, on a machine load
 jobs, show what mattered: with Adam at 1e-5 and validation at 256 px, medium mAP went 0.460 ->
 0.454; with 1e-5 and validation at 128 px, 0.352 -> 0.368 (within the noise).
 
-A seconds-long smoke run of the same pipeline (untrained tiny ResNet, ``tiny`` preset, 64 px):
+A seconds-long smoke run of the same pipeline (untrained tiny ResNet, ``tiny`` preset, 64 px;
+``retrieval-jax demo --out runs/smoke`` takes the same overrides):
 
     retrieval-jax train --config configs/demo.py --workdir runs/smoke \
         --config.data.preset=tiny --config.model.backbone=tiny_resnet \

@@ -22,7 +22,8 @@ _SUBCOMMANDS = {
     "convert": ("retrieval_jax.commands.convert",
                 "torchvision/Keras/efficientnet-pytorch weights -> a saved Retriever"),
     "datasets": ("retrieval_jax.commands.datasets", "list the datasets and how to obtain each"),
-    "demo": ("retrieval_jax.demo", "run the interim end-to-end demo (simulated feature maps)"),
+    "demo": ("retrieval_jax.commands.demo",
+             "off-the-shelf vs fine-tuned retrieval, ScaNN search, figures (make demo)"),
 }
 
 

@@ -1,260 +1,501 @@
-"""Interim demo: the functional core end to end on simulated convolutional feature maps.
+"""The end-to-end demo: off-the-shelf retrieval, fine-tuning, retrieval again, a ScaNN search.
 
-What it is, plainly: no CNN and no images are involved yet (backbones, the synthetic image
-benchmark and training arrive with later work). Instead each "photo" is a simulated conv5-like
-activation map: an instance is a constellation of activation blobs over channels, photographed
-at a random scale and position (sometimes partly out of frame), with amplitude changes, part
-jitter, background clutter made of the same kind of blobs, and distractor images holding clutter
-only. Map sizes vary, so batches are padded into one shape bucket with a validity mask.
+>>> report = run_demo(load_config_file("configs/demo.py"), "runs/demo")   # ``make demo``
+>>> print(format_summary(report))
 
-On that data it runs everything the library can already do: masked GeM and R-MAC pooling,
-PCA whitening and learned whitening (Lw) learned on a separate training split, alpha query
-expansion, and the revisited-protocol evaluation (Easy / Medium / Hard mAP with junk by
-visibility, queries cropped to their boxes). It prints a table and writes ``report.json``.
+On the synthetic benchmark (:mod:`retrieval_jax.data.synthetic`, generated locally from the
+config's ``data.preset`` and ``data.seed``; nothing is downloaded), :func:`run_demo`:
 
-Run: ``make demo`` or ``python -m retrieval_jax.demo --out runs/demo``.
+1. scores the model the config starts from (``model``: ImageNet EfficientNet-Lite0 + GeM in
+   ``configs/demo.py``) on the **test** split: revisited Easy / Medium / Hard mAP, queries cropped
+   to their boxes, at the validation settings (``eval.max_size``, ``eval.scales``), by
+   :func:`retrieval_jax.evaluation.evaluate_descriptors`;
+2. fine-tunes it with :func:`retrieval_jax.training.train` in ``<out>/train`` (resumable: an
+   interrupted demo continues from its latest checkpoint);
+3. scores the fine-tuned model (the final weights, ``<out>/train/retriever``) the same way;
+4. builds a ScaNN index of the fine-tuned test database descriptors (``<out>/index``), loads it
+   back and searches a few queries with it, judging each result by the medium protocol;
+5. writes ``report.json`` (before / after scores, search results, config, timings, versions),
+   ``training_curve.png`` (train loss and validation mAP per step, from ``metrics.jsonl``),
+   ``pr_curve.png`` (interpolated precision-recall of the medium protocol, before vs after) and
+   ``results.png`` (the searched queries and their top results framed green / red / grey), and
+   the runner's own ``before/`` and ``after/`` reports with their ``ranks.npy``.
+
+These are synthetic-benchmark numbers (procedural facades), not Oxford or Paris.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import io
 import json
+import logging
 import os
 import pathlib
-import tempfile
+import shutil
 import time
-import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+from numpy.typing import ArrayLike
 
-from retrieval_jax import metrics, pooling, rerank, whitening
-from retrieval_jax.data.buckets import pad_batch
-from retrieval_jax.normalization import l2n
+from retrieval_jax import metrics, visualize
+from retrieval_jax.data.datasets import RetrievalSet
+from retrieval_jax.evaluation.descriptors import retriever_fingerprint
+from retrieval_jax.evaluation.runner import evaluate_descriptors, write_report
+from retrieval_jax.retriever import Retriever
+from retrieval_jax.training.config import stage_configs, validate_config
+from retrieval_jax.training.loop import load_backbone, resolve_config, train
 
+log = logging.getLogger(__name__)
 
-@dataclasses.dataclass(frozen=True)
-class SimulationConfig:
-  """Sizes of the simulated benchmark (defaults run in well under a minute on 2 cores)."""
-  channels: int = 128
-  parts: int = 10  # activation blobs per instance
-  bucket: tuple[int, int] = (24, 32)  # padded map size (a 768x1024 image at stride 32)
-  test_instances: int = 40
-  views_per_instance: int = 8
-  distractors: int = 300
-  train_instances: int = 150
-  train_views: int = 6
-  clutter_blobs: int = 30
-  background_textures: int = 12
-  seed: int = 0
+#: The recall levels of ``pr_curve.png`` and ``report.json``'s precision-recall curves.
+RECALL_LEVELS = np.linspace(0.0, 1.0, 101)
+#: A recall level within this of a reachable recall counts as reached (0.3 of 10 positives
+#: needs 3, although ``0.3 * 10`` is ``3.0000000000000004`` in floating point).
+_LEVEL_TOLERANCE = 1e-9
 
 
-def _render(blobs: np.ndarray, signature: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Sums Gaussian blobs ``(cx, cy, sigma, amplitude)`` with channel signatures ``[K, C]``."""
-  ys, xs = np.mgrid[0:height, 0:width] + 0.5
-  d2 = (xs[None] - blobs[:, 0, None, None])**2 + (ys[None] - blobs[:, 1, None, None])**2
-  g = blobs[:, 3, None, None] * np.exp(-d2 / (2 * blobs[:, 2, None, None]**2))
-  return np.einsum("khw,kc->hwc", g, signature)
+# --------------------------------------------------------------------------- metrics
 
 
-class _Simulator:
-  """Seeded generator of instances and their views as feature maps."""
+def precision_recall_curve(ranks: ArrayLike, gnd: Sequence[Mapping[str, ArrayLike]],
+                           recall_levels: ArrayLike = RECALL_LEVELS, *,
+                           n_db: int | None = None) -> np.ndarray:
+  """Interpolated precision at fixed recall levels, averaged over queries.
 
-  def __init__(self, cfg: SimulationConfig):
-    self.cfg = cfg
-    self.rng = np.random.default_rng(cfg.seed)
-    # Background "textures" share a few frequent channels, as real conv features do; their
-    # co-occurrence is what whitening learns to discount.
-    common = self.rng.choice(cfg.channels, cfg.channels // 8, replace=False)
-    self.textures = np.zeros((cfg.background_textures, cfg.channels))
-    for t in self.textures:
-      t[self.rng.choice(common, 4, replace=False)] = self.rng.uniform(0.5, 1.0, 4)
+  Per query, junk is deleted from the ranked list first (as :func:`metrics.compute_map` does).
+  The ``t``-th positive found (1-based) at junk-adjusted 1-based rank ``r_t`` has recall
+  ``t / len(ok)`` and precision ``t / r_t``; the interpolated precision at recall level ``R`` is
+  the highest precision at any rank whose recall is at least ``R`` (the usual PASCAL / TREC
+  interpolation, which makes the curve non-increasing), and 0 when the list never reaches ``R``
+  (positives missing from a truncated list). At ``R = 0`` it is the best precision anywhere.
+  Queries with an empty ``ok`` list are excluded from the mean, as in ``compute_map``.
 
-  def _signatures(self, count: int) -> np.ndarray:
-    """Sparse channel signatures ``[count, C]``: each part fires three channels."""
-    out = np.zeros((count, self.cfg.channels))
-    for row in out:
-      row[self.rng.choice(self.cfg.channels, 3, replace=False)] = self.rng.uniform(0.3, 1.0, 3)
-    return out
+  Args:
+    ranks: int ``[n_queries, n_list]`` database indices, best first.
+    gnd: ``n_queries`` dicts with ``"ok"`` and optionally ``"junk"`` index lists, e.g.
+      ``metrics.revisited_gnd(gnd, "medium")``.
+    recall_levels: float ``[L]`` levels in ``[0, 1]``.
+    n_db: number of database images; defaults to ``ranks.shape[1]`` (a full ranking).
 
-  def instance(self) -> tuple[np.ndarray, np.ndarray]:
-    """Parts ``[K, 4]`` (x, y in the unit box, relative sigma, amplitude) and their channels."""
-    k = self.cfg.parts
-    parts = np.column_stack([self.rng.random((k, 2)), self.rng.uniform(0.06, 0.16, k),
-                             self.rng.uniform(1.0, 3.0, k)])
-    return parts, self._signatures(k)
+  Returns:
+    float64 ``[L]``: the mean interpolated precision at each level.
 
-  def _clutter(self, height: int, width: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    blobs = np.column_stack([self.rng.random(count) * width, self.rng.random(count) * height,
-                             self.rng.uniform(0.6, 2.0, count), self.rng.uniform(0.5, 2.5, count)])
-    # Mostly frequent textures, some rare parts (confusers that look like object parts).
-    textures = self.textures[self.rng.integers(0, len(self.textures), count)]
-    rare = self.rng.random(count) < 0.3
-    textures[rare] = self._signatures(int(rare.sum()))
-    return blobs, textures
-
-  def view(self, instance=None) -> tuple[np.ndarray, tuple[int, int, int, int] | None, float]:
-    """One "photo": ``(map [h, w, C], object box (x, y, w, h) in cells or None, visibility)``."""
-    cfg, rng = self.cfg, self.rng
-    height = int(rng.integers(cfg.bucket[0] * 2 // 3, cfg.bucket[0] + 1))
-    width = int(rng.integers(cfg.bucket[1] * 2 // 3, cfg.bucket[1] + 1))
-    blobs, channel = self._clutter(height, width, cfg.clutter_blobs)
-    box, visible = None, 0.0
-    if instance is not None:
-      parts, part_channel = instance
-      side = rng.uniform(0.25, 0.9) * min(height, width)
-      x0 = rng.uniform(-0.6 * side, width - 0.4 * side)
-      y0 = rng.uniform(-0.6 * side, height - 0.4 * side)
-      jitter = rng.normal(0.0, 0.03, (len(parts), 2))
-      obj = np.column_stack([x0 + (parts[:, 0] + jitter[:, 0]) * side,
-                             y0 + (parts[:, 1] + jitter[:, 1]) * side,
-                             parts[:, 2] * side,
-                             parts[:, 3] * rng.uniform(0.6, 1.4)])  # illumination
-      blobs, channel = np.vstack([blobs, obj]), np.vstack([channel, part_channel])
-      cx0, cy0 = max(x0, 0.0), max(y0, 0.0)
-      cx1, cy1 = min(x0 + side, width), min(y0 + side, height)
-      visible = max(cx1 - cx0, 0) * max(cy1 - cy0, 0) / side**2
-      box = (int(cx0), int(cy0), max(int(np.ceil(cx1)) - int(cx0), 1),
-             max(int(np.ceil(cy1)) - int(cy0), 1))
-      visible *= min(side / (0.5 * min(height, width)), 1.0)  # small objects are harder
-    fmap = _render(blobs, channel, height, width)
-    fmap += np.abs(rng.normal(0.0, 0.05, fmap.shape))
-    return fmap.astype(np.float32), box, float(visible)
+  Raises:
+    ValueError: malformed ``ranks`` or ``gnd`` (as ``compute_map``), levels outside ``[0, 1]``,
+      or no query with positives.
+  """
+  # compute_map's validation and its junk-adjusted ranks of the positives found, so both
+  # scores read a ranked list the same way.
+  ranks, n_db = metrics._check_ranks(ranks, n_db)
+  oks, junks = metrics._check_gnd(gnd, ranks.shape[0], n_db)
+  levels = np.asarray(recall_levels, np.float64)
+  if levels.ndim != 1 or not np.all((levels >= 0) & (levels <= 1)):
+    raise ValueError(f"recall_levels must be a 1-D array of values in [0, 1]; got "
+                     f"{np.asarray(recall_levels)!r}.")
+  n_q = ranks.shape[0]
+  n_ok = np.array([len(ok) for ok in oks], np.int64)
+  valid = n_ok > 0
+  if not valid.any():
+    raise ValueError(f"gnd has no positives ('ok' is empty) for every one of the {n_q} "
+                     f"queries; nothing to evaluate.")
+  query, rank0 = metrics._gnd_positive_ranks(ranks, oks, junks, n_db)
+  ordinal = np.arange(len(query)) - np.searchsorted(query, query)  # t - 1, sorted by query
+  width = int(n_ok.max())
+  precision = np.zeros((n_q, width))  # [Q, positive]; 0 for positives never found
+  precision[query, ordinal] = (ordinal + 1) / (rank0 + 1)
+  # Best precision at this positive or any later one: the interpolation's max over R' >= R.
+  envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+  needed = np.ceil(levels[None, :] * n_ok[:, None] - _LEVEL_TOLERANCE)  # positives for level R
+  column = np.clip(needed, 1, np.maximum(n_ok, 1)[:, None]).astype(np.int64) - 1
+  return np.take_along_axis(envelope, column, axis=1)[valid].mean(axis=0)
 
 
-_DESCRIPTORS = {
-    "GeM": jax.jit(lambda x, m: l2n(pooling.gem(x, mask=m))),
-    "R-MAC": jax.jit(lambda x, m: l2n(pooling.rmac(x, mask=m))),
-}
+# --------------------------------------------------------------------------- description
 
 
-def _describe(name: str, maps: list[np.ndarray], shape: tuple[int, int],
-              batch: int = 64) -> np.ndarray:
-  out = []
-  for start in range(0, len(maps), batch):
-    # A fixed batch shape: one compilation per bucket.
-    x, mask = pad_batch(maps[start:start + batch], shape, batch, dtype=np.float32)
-    out.append(np.asarray(_DESCRIPTORS[name](x, mask)))
-  return np.concatenate(out)[:len(maps)]
+class _CountingImages(Sequence):
+  """``images`` that advances a progress bar as the loader reads each one (the loader's
+  threads read every image once, a batch or two ahead of the device)."""
+
+  def __init__(self, images: Sequence[Any], bar: Any):
+    self.images, self.bar = images, bar
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      raise TypeError("a counted image sequence is read one image at a time.")
+    item = self.images[index]
+    self.bar.update(1)
+    return item
 
 
-def build_benchmark(cfg: SimulationConfig) -> dict:
-  """Simulates train/test splits with revisited-style ground truth."""
-  sim = _Simulator(cfg)
-  train_maps, train_labels = [], []
-  for label in range(cfg.train_instances):
-    inst = sim.instance()
-    for _ in range(cfg.train_views):
-      train_maps.append(sim.view(inst)[0])
-      train_labels.append(label)
+def _describe(retriever: Retriever, images: Sequence[Any], boxes: np.ndarray | None,
+              eval_cfg: ml_collections.ConfigDict, desc: str, progress: bool) -> np.ndarray:
+  """float32 ``[N, D]`` descriptors at the evaluation settings, with a progress bar."""
+  from tqdm.auto import tqdm  # noqa: PLC0415
 
-  db_maps, queries, gnd = [], [], []
-  for _ in range(cfg.test_instances):
-    inst = sim.instance()
-    # The query: a well visible view, cropped to its object box (the protocol's default).
-    while True:
-      qmap, (x, y, w, h), visible = sim.view(inst)
-      if visible > 0.6:
-        break
-    queries.append(qmap[y:y + h, x:x + w])
-    entry = {"easy": [], "hard": [], "junk": []}
-    for _ in range(cfg.views_per_instance):
-      fmap, _, visible = sim.view(inst)
-      # Revisited Oxford's rule in spirit: clearly visible -> easy, partly -> hard, barely -> junk.
-      kind = "easy" if visible >= 0.5 else "hard" if visible >= 0.2 else "junk"
-      entry[kind].append(len(db_maps))
-      db_maps.append(fmap)
-    gnd.append(entry)
-  db_maps += [sim.view()[0] for _ in range(cfg.distractors)]
-  return {"train_maps": train_maps, "train_labels": np.asarray(train_labels),
-          "db_maps": db_maps, "query_maps": queries, "gnd": gnd}
+  with tqdm(total=len(images), desc=desc, unit="img", disable=not progress,
+            dynamic_ncols=True) as bar:
+    return retriever.extract(_CountingImages(images, bar), eval_cfg.max_size, eval_cfg.scales,
+                             eval_cfg.batch_size, boxes=boxes, num_workers=eval_cfg.num_workers)
 
 
-def _evaluate(queries: np.ndarray, database: np.ndarray, gnd: list) -> dict[str, float]:
-  ranks = np.argsort(-(queries @ database.T), axis=1, kind="stable")
-  with warnings.catch_warnings():
-    # Some simulated queries have no hard positives; the protocol excludes them (as reported).
-    warnings.simplefilter("ignore", UserWarning)
-    return {p: 100 * metrics.compute_map(ranks, metrics.revisited_gnd(gnd, p))[0]
-            for p in metrics.PROTOCOLS}
+def _evaluate(retriever: Retriever, test: RetrievalSet, eval_cfg: ml_collections.ConfigDict,
+              out: pathlib.Path, label: str, progress: bool) -> dict[str, Any]:
+  """The runner's report on ``test`` (written to ``out``), with the descriptors and ranks."""
+  crop = eval_cfg.crop_queries and test.query_boxes is not None
+  database = _describe(retriever, test.database, None, eval_cfg, f"{label}: database",
+                       progress)
+  queries = _describe(retriever, test.queries, test.query_boxes if crop else None, eval_cfg,
+                      f"{label}: queries", progress)
+  cfg = ml_collections.ConfigDict(eval_cfg.to_dict())
+  cfg.update(output_dir=str(out), save_ranks=True, cache_dir=None)
+  report = evaluate_descriptors(queries, database, test, cfg)
+  report["extraction"].update(max_size=eval_cfg.max_size, scales=list(eval_cfg.scales),
+                              query_crop="query_boxes" if crop else "none")
+  return {"report": report, "ranks": np.load(out / "ranks.npy"), "queries": queries,
+          "database": database}
 
 
-def _positive_pairs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  same = (labels[:, None] == labels[None, :]) & ~np.eye(len(labels), dtype=bool)
-  return np.nonzero(same)
+def _initial_retriever(cfg: ml_collections.ConfigDict) -> Retriever:
+  """The model training starts from, built as the train loop builds it (the first stage's
+  model of a staged config)."""
+  first = stage_configs(cfg)[0]
+  if first.train.init_backbone:
+    return Retriever.from_backbone_variables(
+        first.model, load_backbone(first.train.init_backbone, first.model.backbone))
+  return Retriever.from_config(first.model)
 
 
-def run(cfg: SimulationConfig, out_dir: pathlib.Path | None = None) -> dict:
-  """Builds the simulated benchmark, evaluates every pipeline, returns (and writes) the report."""
+def _before_label(cfg: ml_collections.ConfigDict) -> str:
+  from retrieval_jax.models import PRETRAINED  # noqa: PLC0415
+
+  if cfg.train.init_backbone:
+    return "initial (train.init_backbone)"
+  if cfg.model.pretrained and cfg.model.backbone.replace("_", "-") in PRETRAINED:
+    return "ImageNet (off the shelf)"
+  return "untrained (random weights)"
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _search(database: np.ndarray, queries: np.ndarray, chosen: np.ndarray, test: RetrievalSet,
+            exact_ranks: np.ndarray, k: int, index_dir: pathlib.Path,
+            model_id: str) -> dict[str, Any]:
+  """Builds, saves and reloads a ScaNN index of ``database`` and searches the ``chosen``
+  queries; each result is judged by the medium protocol (easy or hard: correct, junk: None)."""
+  from retrieval_jax.search import ScannIndex, build_index  # noqa: PLC0415
+
+  t = time.perf_counter()
+  # One thread: ScaNN's threaded k-means would make the codebooks (and ties) vary per run.
+  index = build_index(database, mode="scann", model_id=model_id, num_threads=1,
+                      metadata=[f"database[{i}]" for i in range(len(database))])
+  index.save(index_dir)
+  build_s = time.perf_counter() - t
+  index = ScannIndex.load(index_dir, model_id=model_id)  # searches what was saved
+  k = min(k, index.num_rows)
+  t = time.perf_counter()
+  scores, ids = index.search(queries[chosen], k)
+  search_s = time.perf_counter() - t
+  medium = metrics.revisited_gnd(test.gnd, "medium")
+  rows, agree = [], 0
+  for q, found, found_scores in zip(chosen, ids, scores):
+    ok, junk = set(medium[q]["ok"].tolist()), set(medium[q]["junk"].tolist())
+    results = [{"rank": r + 1, "id": int(i), "score": float(s),
+                "correct": None if int(i) in junk else int(i) in ok}
+               for r, (i, s) in enumerate(zip(found, found_scores)) if int(i) >= 0]
+    agree += len({r["id"] for r in results} & set(exact_ranks[q, :k].tolist()))
+    judged = [r["correct"] for r in results if r["correct"] is not None]
+    rows.append({"query": int(q), "positives": len(ok), "correct": sum(judged),
+                 "judged": len(judged), "results": results})
+  return {"index": str(index_dir), "kind": index.kind, "rows": index.num_rows, "dim": index.dim,
+          "params": index.params, "k": k, "queries": rows,
+          "correct": sum(r["correct"] for r in rows), "judged": sum(r["judged"] for r in rows),
+          # ScaNN is approximate: how many of its top-k are also the exact top-k.
+          "exact_agreement": agree / (k * len(chosen)) if len(chosen) else None,
+          "build_s": build_s, "search_s": search_s}
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _save_figure(fig: Any, path: pathlib.Path) -> None:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  from PIL import Image  # noqa: PLC0415
+
+  visualize.save_png(Image.open(buffer), path)  # atomic
+
+
+def _figure(width: float, height: float) -> Any:
+  # A Figure with its own Agg canvas: no pyplot, so no global backend is switched and nothing
+  # needs a display.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
+  fig = Figure(figsize=(width, height))
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def read_training_curve(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Train loss and validation mAP per step from a training run's ``metrics.jsonl``.
+
+  Staged runs (``workdir/stage_<i>/metrics.jsonl``) are joined, each stage's steps offset by the
+  steps before it.
+
+  Returns:
+    ``{"loss_step", "loss", "val_step", "val_map"}``: float arrays; ``val_map`` is the medium
+    mAP of revisited validation sets (the loop's headline number).
+  """
+  workdir = pathlib.Path(workdir)
+  files = [workdir / "metrics.jsonl"]
+  if not files[0].exists():
+    files = sorted(workdir.glob("stage_*/metrics.jsonl"), key=lambda p: int(p.parent.name[6:]))
+  curve: dict[str, list[float]] = {"loss_step": [], "loss": [], "val_step": [], "val_map": []}
+  offset = 0
+  for path in files:
+    last = 0
+    for line in path.read_text().splitlines():
+      if not line.strip():
+        continue
+      record = json.loads(line)
+      step = offset + record["step"]
+      last = max(last, record["step"])
+      if record["kind"] == "train":
+        curve["loss_step"].append(step)
+        curve["loss"].append(record["loss"])
+      elif record["kind"] == "eval":
+        curve["val_step"].append(step)
+        curve["val_map"].append(record["val_map"])
+    offset += last
+  return {name: np.asarray(values, np.float64) for name, values in curve.items()}
+
+
+def _plot_training_curve(curve: dict[str, np.ndarray], title: str, path: pathlib.Path) -> None:
+  fig = _figure(7.0, 5.5)
+  top, bottom = fig.subplots(2, 1, sharex=True)
+  top.plot(curve["loss_step"], curve["loss"], color="tab:blue", linewidth=1.0, marker=".",
+           markersize=3)
+  top.set_ylabel("train loss")
+  top.set_title(title, fontsize=11)
+  top.grid(alpha=0.3)
+  bottom.plot(curve["val_step"], 100 * curve["val_map"], color="tab:orange", marker="o")
+  for step, value in zip(curve["val_step"], curve["val_map"]):
+    bottom.annotate(f"{100 * value:.1f}", (step, 100 * value), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=8)
+  bottom.set_xlabel("step")
+  bottom.set_ylabel("validation medium mAP (%)")
+  bottom.grid(alpha=0.3)
+  fig.tight_layout()
+  _save_figure(fig, path)
+
+
+def _plot_pr(levels: np.ndarray, curves: dict[str, np.ndarray], title: str,
+             path: pathlib.Path) -> None:
+  fig = _figure(6.0, 5.0)
+  ax = fig.subplots()
+  for (label, curve), color in zip(curves.items(), ("tab:gray", "tab:green")):
+    ax.plot(levels, curve, label=label, color=color, linewidth=2)
+  ax.set_xlabel("recall")
+  ax.set_ylabel("interpolated precision (mean over queries)")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.02)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  _save_figure(fig, path)
+
+
+def _results_grid(test: RetrievalSet, search: dict[str, Any], path: pathlib.Path) -> None:
+  entries = search["queries"]
+  boxes = test.query_boxes
+  image = visualize.result_grid(
+      [test.queries[e["query"]] for e in entries],
+      [[test.database[r["id"]] for r in e["results"]] for e in entries],
+      correct=[[r["correct"] for r in e["results"]] for e in entries],
+      query_boxes=None if boxes is None else [boxes[e["query"]] for e in entries],
+      captions=[[f"{r['rank']}  {r['score']:.3f}" for r in e["results"]] for e in entries],
+      query_captions=[f"query {e['query']}: {e['correct']}/{e['judged']}" for e in entries])
+  visualize.save_png(image, path)
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def _headline(report: dict[str, Any]) -> dict[str, float]:
+  return {p: float(report["metrics"][p]["mAP"]) for p in metrics.PROTOCOLS}
+
+
+def run_demo(cfg: ml_collections.ConfigDict | dict, out_dir: str | os.PathLike, *,
+             search_queries: int = 4, top_k: int = 8, resume: bool = True,
+             progress: bool = True) -> dict[str, Any]:
+  """Runs the demo of the module docstring with a training config and returns its report.
+
+  Args:
+    cfg: a training config (``configs/demo.py``; fields of
+      :func:`retrieval_jax.training.default_train_config`) on the synthetic benchmark
+      (``data.source = "synthetic"``); ``eval`` sets how the test split is scored.
+    out_dir: where everything goes (see the module docstring); training runs in
+      ``out_dir/train``.
+    search_queries: test queries searched with the ScaNN index (spread over the query list).
+    top_k: results per searched query.
+    resume: continue the training of a previous demo in ``out_dir`` (False: refuse it).
+    progress: progress bars.
+
+  Returns:
+    The report, also in ``out_dir/report.json``: ``mAP`` (``before`` / ``after``, E/M/H as
+    fractions), ``scores`` (the runner's metrics with mP@k), ``excluded_queries``,
+    ``training`` (the train loop's summary), ``search``, ``precision_recall``, ``dataset``,
+    ``extraction``, ``config``, ``files``, ``timings_s``, ``versions``.
+
+  Raises:
+    ValueError: an invalid config (naming the field), a data source other than synthetic,
+      or ``resume=False`` with a previous training in ``out_dir``.
+    TrainingDivergedError: training diverged.
+  """
   start = time.perf_counter()
-  bench = build_benchmark(cfg)
-  shape = cfg.bucket
-  rows = {}
-  for pool in ("GeM", "R-MAC"):
-    train = _describe(pool, bench["train_maps"], shape)
-    db = _describe(pool, bench["db_maps"], shape)
-    # Query crops are smaller than the bucket: they pad into it like any other image.
-    q = _describe(pool, bench["query_maps"], shape)
-    rows[pool] = _evaluate(q, db, bench["gnd"])
-    dims = cfg.channels // 2
-    mean, proj = whitening.learn_pca_whitening(train)
-    rows[f"{pool} + PCA-w ({dims}-D)"] = _evaluate(
-        np.asarray(whitening.apply_whitening(q, mean, proj, dims)),
-        np.asarray(whitening.apply_whitening(db, mean, proj, dims)), bench["gnd"])
-    qi, pi = _positive_pairs(bench["train_labels"])
-    mean, proj = whitening.learn_lw(train, qi, pi)
-    qw = np.asarray(whitening.apply_whitening(q, mean, proj, dims))
-    dbw = np.asarray(whitening.apply_whitening(db, mean, proj, dims))
-    rows[f"{pool} + Lw ({dims}-D)"] = _evaluate(qw, dbw, bench["gnd"])
-    qe = np.asarray(rerank.alpha_query_expansion(qw, dbw, k=3, alpha=3.0))
-    rows[f"{pool} + Lw + aQE (k=3, a=3)"] = _evaluate(qe, dbw, bench["gnd"])
-  no_hard = sum(not g["hard"] for g in bench["gnd"])
+  cfg = resolve_config(cfg)
+  validate_config(cfg, num_devices=jax.device_count())  # fail before generating any photo
+  if cfg.data.source != "synthetic":
+    raise ValueError(f"data.source must be 'synthetic' for the demo (it scores the synthetic "
+                     f"test split); got {cfg.data.source!r}.")
+  for name, value in (("search_queries", search_queries), ("top_k", top_k)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int; got {value!r}.")
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  timings: dict[str, float] = {}
+
+  from retrieval_jax.data.synthetic import generate  # noqa: PLC0415
+
+  log.info("generating the synthetic benchmark %r (seed %d) ...", cfg.data.preset,
+           cfg.data.seed)
+  t = time.perf_counter()
+  bench = generate(cfg.data.preset, seed=cfg.data.seed, image_size=cfg.data.synthetic_image_size)
+  test = bench.test
+  timings["generate"] = time.perf_counter() - t
+
+  before_label = _before_label(cfg)
+  log.info("1/4 scoring the %s model on %s", before_label.split(" (")[0], test.name)
+  t = time.perf_counter()
+  initial = _initial_retriever(cfg)
+  # Training starts from the saved model scored here (train.init_backbone), so "before" is
+  # exactly its starting point and the backbone is not initialised twice (a random init
+  # compiles for seconds).
+  shutil.rmtree(out / "initial", ignore_errors=True)
+  initial.save(out / "initial")
+  before = _evaluate(initial, test, cfg.eval, out / "before", "before", progress)
+  timings["evaluate_before"] = time.perf_counter() - t
+
+  log.info("2/4 fine-tuning in %s", out / "train")
+  train_cfg = resolve_config(cfg)  # a copy
+  train_cfg.train.init_backbone = str((out / "initial").absolute())
+  train_cfg.train.progress = cfg.train.progress and progress
+  t = time.perf_counter()
+  summary = train(train_cfg, out / "train", resume=resume)
+  timings["train"] = time.perf_counter() - t
+
+  log.info("3/4 scoring the fine-tuned model")
+  t = time.perf_counter()
+  tuned = Retriever.load(summary["retriever"])
+  after = _evaluate(tuned, test, cfg.eval, out / "after", "after", progress)
+  timings["evaluate_after"] = time.perf_counter() - t
+
+  log.info("4/4 ScaNN index of the fine-tuned database descriptors, figures")
+  n_q = len(test.queries)
+  chosen = np.unique(np.linspace(0, n_q - 1, min(search_queries, n_q)).round().astype(np.int64))
+  model_id = json.dumps({"retriever": retriever_fingerprint(tuned),
+                         "max_size": int(cfg.eval.max_size),
+                         "scales": [float(s) for s in cfg.eval.scales]}, sort_keys=True)
+  t = time.perf_counter()
+  search = _search(after["database"], after["queries"], chosen, test, after["ranks"], top_k,
+                   out / "index", model_id)
+  timings["search"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  medium = metrics.revisited_gnd(test.gnd, "medium")
+  pr = {"protocol": "medium", "interpolation": "max precision at recall >= level",
+        "recall": RECALL_LEVELS,
+        "before": precision_recall_curve(before["ranks"], medium, n_db=len(test.database)),
+        "after": precision_recall_curve(after["ranks"], medium, n_db=len(test.database))}
+  files = {"report": out / "report.json", "training_curve": out / "training_curve.png",
+           "pr_curve": out / "pr_curve.png", "results": out / "results.png",
+           "index": out / "index", "initial_retriever": out / "initial",
+           "retriever": pathlib.Path(summary["retriever"]),
+           "metrics": out / "train" / "metrics.jsonl", "before": out / "before" / "report.json",
+           "after": out / "after" / "report.json"}
+  curve = read_training_curve(out / "train")
+  _plot_training_curve(curve, f"Fine-tuning {cfg.model.backbone} + {cfg.model.pooling} "
+                              f"({cfg.loss.name} loss)\non {bench.train.name}",
+                       files["training_curve"])
+  before_map, after_map = _headline(before["report"]), _headline(after["report"])
+  _plot_pr(RECALL_LEVELS, {
+      f"{before_label}: mAP {100 * before_map['medium']:.1f}": pr["before"],
+      f"fine-tuned: mAP {100 * after_map['medium']:.1f}": pr["after"]},
+      f"{test.name}, medium protocol ({n_q} queries)", files["pr_curve"])
+  _results_grid(test, search, files["results"])
+  timings["figures"] = time.perf_counter() - t
+  timings["total"] = time.perf_counter() - start
+
   report = {
-      "what": "interim demo on simulated feature maps (no CNN, no images); mAP in %",
-      "queries_without_hard_positives": no_hard,
-      "config": dataclasses.asdict(cfg),
-      "database_size": len(bench["db_maps"]),
-      "queries": len(bench["query_maps"]),
-      "mAP": rows,
-      "seconds": round(time.perf_counter() - start, 2),
-      "jax": jax.__version__,
-      "backend": jax.default_backend(),
+      "what": "retrieval_jax demo: off-the-shelf vs fine-tuned retrieval on the synthetic "
+              "benchmark (procedural facades, not Oxford or Paris); mAP as fractions",
+      "dataset": {"name": test.name, "preset": cfg.data.preset, "seed": cfg.data.seed,
+                  "database": len(test.database), "queries": n_q,
+                  "train_images": len(bench.train), "generate_s": bench.seconds},
+      "extraction": after["report"]["extraction"],
+      "mAP": {"before": before_map, "after": after_map,
+              "change": {p: after_map[p] - before_map[p] for p in metrics.PROTOCOLS}},
+      "before_model": before_label,
+      "after_model": "the final weights of the training run",
+      "scores": {"before": before["report"]["metrics"], "after": after["report"]["metrics"]},
+      "excluded_queries": after["report"]["excluded_queries"],
+      "training": summary,
+      "search": search,
+      "precision_recall": pr,
+      "config": cfg.to_dict(),
+      "files": files,
+      "timings_s": {name: round(value, 2) for name, value in timings.items()},
+      "versions": after["report"]["versions"],
   }
-  if out_dir is not None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Atomic write: a crash mid-write never leaves a truncated report behind.
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as f:
-      json.dump(report, f, indent=2)
-    os.replace(f.name, out_dir / "report.json")
-  return report
+  write_report(report, files["report"])
+  # The report as saved (JSON types only), so the caller and report.json agree.
+  return json.loads(files["report"].read_text())
 
 
-def format_table(report: dict) -> str:
-  lines = [f"{'pipeline':<32} {'Easy':>6} {'Medium':>7} {'Hard':>6}"]
-  for name, scores in report["mAP"].items():
-    lines.append(f"{name:<32} {scores['easy']:>6.1f} {scores['medium']:>7.1f} "
-                 f"{scores['hard']:>6.1f}")
+def format_summary(report: dict[str, Any]) -> str:
+  """The report as a short printable table: before / after mAP (in %) and the search."""
+  ds, maps, tr, se = report["dataset"], report["mAP"], report["training"], report["search"]
+  ex = report["extraction"]
+  lines = [
+      f"{ds['name']}: {ds['database']} database photos, {ds['queries']} queries "
+      f"(cropped to their boxes: {ex['query_crop'] == 'query_boxes'}), {ex['max_size']} px; "
+      f"revisited mAP in %",
+      f"{'model':<34} {'Easy':>6} {'Medium':>7} {'Hard':>6}"]
+  rows = (("before: " + report["before_model"], maps["before"], "{:>6.1f}"),
+          (f"after: fine-tuned ({tr['steps']} steps)", maps["after"], "{:>6.1f}"),
+          ("change", maps["change"], "{:>+6.1f}"))
+  for name, values, fmt in rows:
+    e, m, h = (fmt.format(100 * values[p]) for p in metrics.PROTOCOLS)
+    lines.append(f"{name:<34} {e} {m:>7} {h}")
+  lines.append(
+      f"ScaNN index ({se['rows']} x {se['dim']}, {se['index']}): {len(se['queries'])} queries, "
+      f"top {se['k']}: {se['correct']} of {se['judged']} judged results correct (medium "
+      f"protocol; junk not judged); {100 * se['exact_agreement']:.0f}% of the results are the "
+      f"exact top {se['k']}.")
+  for entry in se["queries"]:
+    marks = "".join({True: "+", False: "-", None: "j"}[r["correct"]] for r in entry["results"])
+    lines.append(f"  query {entry['query']:>3}: {marks}  ({entry['positives']} positives)")
+  lines.append(f"total {report['timings_s']['total']:.0f} s (training "
+               f"{report['timings_s']['train']:.0f} s); figures and report.json in "
+               f"{pathlib.Path(report['files']['report']).parent}")
   return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="runs/demo", help="directory for report.json")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  print("retrieval_jax interim demo: the functional core (masked GeM / R-MAC pooling, PCA-w and\n"
-        "Lw whitening, alpha-QE, revisited E/M/H mAP) on SIMULATED conv feature maps. No CNN and\n"
-        "no images yet: the image-level demo (pretrained backbone, fine-tuning, ScaNN search)\n"
-        "replaces this once those parts exist.\n")
-  report = run(SimulationConfig(seed=args.seed), pathlib.Path(args.out))
-  print(f"database: {report['database_size']} maps ({SimulationConfig.distractors} distractors), "
-        f"queries: {report['queries']} (cropped to their boxes); mAP in %:")
-  print(format_table(report))
-  print(f"({report['queries_without_hard_positives']} queries have no hard positive and are "
-        f"excluded from Hard, as the revisited protocol does.)")
-  print(f"\nreport: {pathlib.Path(args.out) / 'report.json'} ({report['seconds']} s)")
-
-
-if __name__ == "__main__":
-  main()
