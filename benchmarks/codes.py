@@ -25,18 +25,20 @@ Run:  python benchmarks/codes.py [--preset small] [--max-size 256] [--truncate-d
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import sys
 import tempfile
 import time
 
-import jax
-
+import harness
 from retrieval_jax.data import synthetic
 from retrieval_jax.evaluation.runner import evaluate
 from retrieval_jax.retriever import Retriever
 
 PROTOCOLS = ("easy", "medium", "hard")
+# The default run uses the tiny preset (48 database photos, 12 queries: seconds, not minutes);
+# its 48 training rows cannot train 2**8 centroids, so PQ there is 16 x 4 bits.
+QUICK = ["--preset", "tiny", "--pq-bits", "4"]
+FULL = ["--preset", "small"]
 
 
 def settings(args: argparse.Namespace) -> list[tuple[str, dict, bool]]:
@@ -56,7 +58,7 @@ def settings(args: argparse.Namespace) -> list[tuple[str, dict, bool]]:
   ]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="small", help="synthetic benchmark preset")
   parser.add_argument("--seed", type=int, default=0)
@@ -66,13 +68,16 @@ def main() -> None:
   parser.add_argument("--truncate-dims", type=int, default=128)
   parser.add_argument("--cache-dir", help="descriptor store to reuse (default: a temp dir)")
   parser.add_argument("--json", help="also write the results to this file")
-  args = parser.parse_args()
+  return parser
 
+
+def run(args: argparse.Namespace) -> list[dict]:
   start = time.perf_counter()
   bench = synthetic.generate(args.preset, seed=args.seed)
-  generated_s = time.perf_counter() - start
+  args.generated_s = time.perf_counter() - start
+  args.counts = (len(bench.test.queries), len(bench.test.database))
   retriever = Retriever.from_pretrained("efficientnet-lite0", pooling="gem")
-  rows = []
+  results = []
   with tempfile.TemporaryDirectory(prefix="codes_bench.") as tmp:
     cache = args.cache_dir or tmp
     for name, cfg, uses_train in settings(args):
@@ -84,30 +89,45 @@ def main() -> None:
       codes = report["codes"]
       if codes["method"] == "pq" and (args.pq_subvectors, args.pq_bits) == (16, 8):
         assert codes["bytes_per_image"] == 16, codes  # the acceptance criterion
-      rows.append({"setting": name, "dims": codes["dims"],
-                   "bytes_per_image": codes["bytes_per_image"],
-                   "mAP": {p: report["metrics"][p]["mAP"] for p in PROTOCOLS},
-                   "codes": codes, "whitening": report["whitening"],
-                   "seconds": time.perf_counter() - start})
+      results.append({"setting": name, "dims": codes["dims"],
+                      "bytes_per_image": codes["bytes_per_image"],
+                      "mAP": {p: report["metrics"][p]["mAP"] for p in PROTOCOLS},
+                      "codes": codes, "whitening": report["whitening"],
+                      "seconds": time.perf_counter() - start})
       print(f"  {name}: {time.perf_counter() - start:.1f} s", flush=True)
+  full = results[0]
+  rows = []
+  for r in results:
+    ratios = {p: r["mAP"][p] / full["mAP"][p] if full["mAP"][p] else float("nan")
+              for p in PROTOCOLS}
+    rows.append(harness.row(
+        f"{r['setting']} ({args.preset})", ratios["medium"], "mAP M / full descriptors",
+        r["bytes_per_image"], "B/image",
+        detail="E/M/H " + "/".join(f"{100 * r['mAP'][p]:.1f}" for p in PROTOCOLS),
+        ratio_to_full=ratios, **r))
+  return rows
 
+
+def print_report(rows: list[dict], args: argparse.Namespace) -> None:
   full = rows[0]
-  print(f"synthetic {args.preset} (seed {args.seed}) test split: {len(bench.test.queries)} "
-        f"queries, {len(bench.test.database)} database photos; EfficientNet-Lite0 ImageNet + "
-        f"GeM, max_size {args.max_size}; revisited mAP (%); generated in {generated_s:.0f} s")
+  print(f"synthetic {args.preset} (seed {args.seed}) test split: {args.counts[0]} "
+        f"queries, {args.counts[1]} database photos; EfficientNet-Lite0 ImageNet + "
+        f"GeM, max_size {args.max_size}; revisited mAP (%); generated in {args.generated_s:.0f} s")
   print(f"{'setting':<36} {'dims':>5} {'B/image':>8} {'E':>6} {'M':>6} {'H':>6}   "
         f"{'ratio to full E / M / H':>23} {'bytes':>7}")
   for r in rows:
-    ratios = " / ".join(f"{r['mAP'][p] / full['mAP'][p]:.2f}" for p in PROTOCOLS)
+    ratios = " / ".join(f"{r['ratio_to_full'][p]:.2f}" for p in PROTOCOLS)
     print(f"{r['setting']:<36} {r['dims']:>5} {r['bytes_per_image']:>8g} "
           + " ".join(f"{100 * r['mAP'][p]:>6.1f}" for p in PROTOCOLS)
           + f"   {ratios:>23} {r['bytes_per_image'] / full['bytes_per_image']:>7.4f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"machine": platform.platform(), "jax": jax.__version__,
-                 "backend": jax.default_backend(), "preset": args.preset, "seed": args.seed,
-                 "max_size": args.max_size, "rows": rows}, f, indent=2, default=str)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
+  rows = run(args)
+  print_report(rows, args)
+  harness.finish("codes", rows, args)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

@@ -17,10 +17,9 @@ Run:  python benchmarks/data.py [--count 200] [--max-size 512] [--repeats 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +28,12 @@ import numpy as np
 import PIL
 from PIL import Image
 
+import harness
 from retrieval_jax.data.loader import BatchLoader
+
+BASELINE = "1 worker thread (baseline)"
+QUICK = ["--count", "48", "--repeats", "3"]
+FULL = ["--count", "400", "--repeats", "5"]
 
 
 def write_photos(directory: pathlib.Path, count: int, height: int, width: int,
@@ -81,24 +85,52 @@ def extra_cases(args) -> dict[str, Callable[[], int]]:
   return {f"synthetic generation ({args.synthetic_size} px)": synthetic_case(args)}
 
 
-def _median_seconds(cases: dict[str, Callable[[], int]], repeats: int
-                    ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
-  """Median wall time and CPU time (all threads of this process) per case; cases run
-  round-robin so machine drift hits them all alike."""
-  counts = {name: fn() for name, fn in cases.items()}  # warm up (file cache, imports)
-  wall: dict[str, list[float]] = {name: [] for name in cases}
-  cpu: dict[str, list[float]] = {name: [] for name in cases}
-  for _ in range(repeats):
-    for name, fn in cases.items():
-      start, start_cpu = time.perf_counter(), time.process_time()
-      fn()
-      wall[name].append(time.perf_counter() - start)
-      cpu[name].append(time.process_time() - start_cpu)
-  return ({name: float(np.median(t)) for name, t in wall.items()},
-          {name: float(np.median(t)) for name, t in cpu.items()}, counts)
+def run(args: argparse.Namespace) -> list[dict]:
+  with tempfile.TemporaryDirectory(prefix="retrieval_jax_bench_") as tmp:
+    paths = write_photos(pathlib.Path(tmp), args.count, args.height, args.width)
+    args.megabytes = sum(p.stat().st_size for p in paths) / 1e6
+    cases = {
+        BASELINE: loader_case(paths, 1, args),
+        "2 worker threads": loader_case(paths, 2, args),
+        "inline (no threads)": loader_case(paths, 0, args),
+        **extra_cases(args),
+    }
+    counts = {name: fn() for name, fn in cases.items()}  # warm up (file cache, imports)
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
+    # Round-robin, so machine drift hits every case alike; CPU time counts all threads.
+    for _ in range(args.repeats):
+      for name, fn in cases.items():
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall[name].append(time.perf_counter() - start)
+        cpu[name].append(time.process_time() - start_cpu)
+  seconds = {name: harness.median(t) for name, t in wall.items()}
+  base = seconds[BASELINE] / counts[BASELINE]
+  rows = []
+  for name, t in seconds.items():
+    per_image = t / counts[name]
+    # Cores busy = CPU time / wall time: above 1 the threads really ran at once (decoding and
+    # resizing release the GIL); on a shared machine it also shows how much CPU there was.
+    busy = harness.median(cpu[name]) / t
+    size = (f"{args.width}x{args.height} JPEG -> {args.max_size}"
+            if not name.startswith("synthetic") else f"{args.synthetic_size} px")
+    rows.append(harness.row(f"{name}, {size}", base / per_image, "img/s / 1 loader thread",
+                            1 / per_image, "img/s", detail=f"{busy:.2f} cores busy",
+                            name=name, seconds=t, images=counts[name], cores_busy=busy))
+  return rows
 
 
-def main() -> None:
+def print_report(rows: list[dict], args: argparse.Namespace) -> None:
+  print(f"{args.count} JPEGs {args.width}x{args.height} ({args.megabytes:.1f} MB) -> long side "
+        f"{args.max_size}, buckets of {args.step} px, batch {args.batch}; {os.cpu_count()} CPUs; "
+        f"Pillow {PIL.__version__}; median of {args.repeats} passes")
+  print(f"{'case':<30} {'images/s':>9} {'speed-up vs 1 thread':>21} {'cores busy':>11}")
+  for r in rows:
+    print(f"{r['name']:<30} {r['value']:>9.1f} {r['ratio']:>21.2f} {r['cores_busy']:>11.2f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--count", type=int, default=200, help="number of JPEG files")
   parser.add_argument("--height", type=int, default=768)
@@ -110,38 +142,15 @@ def main() -> None:
   parser.add_argument("--synthetic-size", type=int, default=256,
                       help="long side of the generated synthetic photos")
   parser.add_argument("--json", help="also write the results to this file")
-  args = parser.parse_args()
+  return parser
 
-  with tempfile.TemporaryDirectory(prefix="retrieval_jax_bench_") as tmp:
-    paths = write_photos(pathlib.Path(tmp), args.count, args.height, args.width)
-    megabytes = sum(p.stat().st_size for p in paths) / 1e6
-    cases = {
-        "1 worker thread (baseline)": loader_case(paths, 1, args),
-        "2 worker threads": loader_case(paths, 2, args),
-        "inline (no threads)": loader_case(paths, 0, args),
-        **extra_cases(args),
-    }
-    seconds, cpu_seconds, counts = _median_seconds(cases, args.repeats)
-  base = seconds["1 worker thread (baseline)"] / counts["1 worker thread (baseline)"]
 
-  print(f"{args.count} JPEGs {args.width}x{args.height} ({megabytes:.1f} MB) -> long side "
-        f"{args.max_size}, buckets of {args.step} px, batch {args.batch}; {os.cpu_count()} CPUs; "
-        f"Pillow {PIL.__version__}; median of {args.repeats} passes")
-  # Cores busy = CPU time / wall time: above 1 the threads really ran at once (decoding and
-  # resizing release the GIL); on a shared machine it also shows how much CPU there was to get.
-  print(f"{'case':<30} {'images/s':>9} {'speed-up vs 1 thread':>21} {'cores busy':>11}")
-  for name, t in seconds.items():
-    per_image = t / counts[name]
-    print(f"{name:<30} {1 / per_image:>9.1f} {base / per_image:>21.2f} "
-          f"{cpu_seconds[name] / t:>11.2f}")
-  if args.json:
-    report = {"machine": platform.platform(), "cpus": os.cpu_count(), "pillow": PIL.__version__,
-              "args": vars(args), "seconds": seconds, "cpu_seconds": cpu_seconds,
-              "images": counts,
-              "images_per_second": {k: counts[k] / v for k, v in seconds.items()}}
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=2)
+def main(argv: list[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
+  rows = run(args)
+  print_report(rows, args)
+  harness.finish("data", rows, args)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

@@ -6,38 +6,28 @@ map) and on REMAP's 40-region grid (L = 4 without the full map), each as a ratio
 the same map, plus ``rmac`` and the masked (bucketed) variants. Ratios are what to compare
 across machines; the absolute times are printed for context only.
 
-Run:  python benchmarks/pooling.py [--batch 1] [--channels 2048] [--repeats 50]
+Run:  python benchmarks/pooling.py [--batch 1] [--channels 2048] [--repeats 50] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import harness
 from retrieval_jax import pooling
 from retrieval_jax.regions import rmac_regions
 
-
-def _median_seconds(cases: dict, repeats: int) -> dict[str, float]:
-  """Median time per case; cases run round-robin so machine drift hits them all alike."""
-  for fn, *inputs in cases.values():
-    jax.block_until_ready(fn(*inputs))  # compile and warm up
-  times = {name: [] for name in cases}
-  for _ in range(repeats):
-    for name, (fn, *inputs) in cases.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*inputs))
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
+BASELINE = "gem (baseline)"
+QUICK = ["--repeats", "30"]
+FULL = ["--repeats", "200"]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--channels", type=int, default=2048)
@@ -46,8 +36,10 @@ def main() -> None:
   parser.add_argument("--stride", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=50)
   parser.add_argument("--json", help="also write the results to this file")
-  args = parser.parse_args()
+  return parser
 
+
+def run(args: argparse.Namespace) -> list[dict]:
   h, w = args.height // args.stride, args.width // args.stride
   rng = np.random.default_rng(0)
   x = jnp.asarray(np.maximum(rng.standard_normal((args.batch, h, w, args.channels)), 0),
@@ -59,7 +51,7 @@ def main() -> None:
   mask = jnp.zeros(padded.shape[:3], bool).at[:, :h, :w].set(True)
 
   cases = {
-      "gem (baseline)": (jax.jit(pooling.gem), x),
+      BASELINE: (jax.jit(pooling.gem), x),
       f"regional_pool max, L=3 grid ({len(rmac_grid)} regions)":
           (jax.jit(lambda v: pooling.regional_pool(v, rmac_grid, "max")), x),
       f"regional_pool gem, L=3 grid ({len(rmac_grid)} regions)":
@@ -72,23 +64,35 @@ def main() -> None:
       "rmac L=3, masked bucket": (jax.jit(lambda v, m: pooling.rmac(v, mask=m)), padded, mask),
       "gem, masked bucket": (jax.jit(lambda v, m: pooling.gem(v, mask=m)), padded, mask),
   }
-  results = _median_seconds(cases, args.repeats)
-  base = results["gem (baseline)"]
+  times = harness.round_robin(
+      {name: (lambda fn=fn, inputs=inputs: jax.block_until_ready(fn(*inputs)))
+       for name, (fn, *inputs) in cases.items()}, repeats=args.repeats)
+  seconds = {name: harness.median(t) for name, t in times.items()}
+  base = seconds[BASELINE]
+  shape = f"[{args.batch},{h},{w},{args.channels}]"
+  return [harness.row(f"{name} {shape}", s / base, "time / global gem", 1e3 * s, "ms",
+                      operation=name, seconds=s, shape=[args.batch, h, w, args.channels])
+          for name, s in seconds.items() if name != BASELINE]
 
+
+def print_report(rows: list[dict], args: argparse.Namespace) -> None:
+  h, w = args.height // args.stride, args.width // args.stride
   print(f"feature map [B={args.batch}, H={h}, W={w}, C={args.channels}] "
         f"({args.height}x{args.width} px at stride {args.stride}); backend "
         f"{jax.default_backend()} x{jax.device_count()}; median of {args.repeats} runs")
   print(f"{'operation':<44} {'ratio to gem':>12} {'ms':>9}")
-  for name, seconds in results.items():
-    print(f"{name:<44} {seconds / base:>12.2f} {seconds * 1e3:>9.3f}")
-  if args.json:
-    report = {"machine": platform.platform(), "jax": jax.__version__,
-              "backend": jax.default_backend(), "devices": jax.device_count(),
-              "shape": [args.batch, h, w, args.channels],
-              "seconds": results, "ratio_to_gem": {k: v / base for k, v in results.items()}}
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=2)
+  base_ms = rows[0]["value"] / rows[0]["ratio"] if rows else float("nan")
+  print(f"{BASELINE:<44} {1.0:>12.2f} {base_ms:>9.3f}")
+  for r in rows:
+    print(f"{r['operation']:<44} {r['ratio']:>12.2f} {r['value']:>9.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
+  rows = run(args)
+  print_report(rows, args)
+  harness.finish("pooling", rows, args)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

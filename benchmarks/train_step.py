@@ -12,7 +12,7 @@ Mining: per epoch the demo describes ``query_size`` queries and a ``pool_size`` 
 current model and picks hard negatives (:func:`retrieval_jax.mining.mine_negatives`); the share is
 that time over (that time + the epoch's steps).
 
-    python benchmarks/train_step.py [--steps 10] [--batch 4]
+    python benchmarks/train_step.py [--steps 10] [--batch 4] [--json out.json]
 
 Printed: tuples/s per device count and the ratio to 1 device; mining seconds and share.
 """
@@ -24,7 +24,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+
+import harness
+
+QUICK = ["--steps", "5", "--query-size", "64", "--pool-size", "192"]
+FULL = ["--steps", "30", "--batch", "16", "--query-size", "600", "--pool-size", "3000"]
 
 
 def _measure(devices: int, steps: int, batch: int, size: int, query_size: int,
@@ -95,39 +101,82 @@ def _measure(devices: int, steps: int, batch: int, size: int, query_size: int,
   return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10, help="timed steps after the first")
   parser.add_argument("--batch", type=int, default=4, help="tuples per step (global)")
   parser.add_argument("--size", type=int, default=128, help="input side in pixels")
   parser.add_argument("--query-size", type=int, default=120)
   parser.add_argument("--pool-size", type=int, default=300)
+  parser.add_argument("--devices", type=int, nargs="+", default=[1, 4],
+                      help="forced device counts; the first is the baseline")
+  parser.add_argument("--json", help="also write the results to this file")
   parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.child is not None:
-    print(json.dumps(_measure(args.child, args.steps, args.batch, args.size, args.query_size,
-                              args.pool_size)))
-    return
+  parser.add_argument("--child-out", help=argparse.SUPPRESS)
+  return parser
+
+
+def run(args: argparse.Namespace) -> list[dict]:
   results = {}
-  for devices in (1, 4):
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", str(devices), "--steps", str(args.steps),
-         "--batch", str(args.batch), "--size", str(args.size), "--query-size",
-         str(args.query_size), "--pool-size", str(args.pool_size)],
-        check=True, capture_output=True, text=True)
-    results[devices] = json.loads(out.stdout.strip().splitlines()[-1])
-  base = results[1]["tuples_per_s"]
+  for devices in args.devices:
+    with tempfile.TemporaryDirectory(prefix="train_step_bench.") as tmp:
+      out = os.path.join(tmp, "result.json")
+      # A fresh process per device count: XLA reads the forced count once, at start-up.
+      proc = subprocess.run(
+          [sys.executable, os.path.abspath(__file__), "--child", str(devices), "--child-out",
+           out, "--steps", str(args.steps), "--batch", str(args.batch), "--size",
+           str(args.size), "--query-size", str(args.query_size), "--pool-size",
+           str(args.pool_size)], capture_output=True, text=True)
+      if proc.returncode != 0 or not os.path.exists(out):
+        raise RuntimeError(f"the {devices}-device process failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+      with open(out) as f:
+        results[devices] = json.load(f)
+  base_devices = args.devices[0]
+  base = results[base_devices]["tuples_per_s"]
+  setting = f"Lite0+GeM {args.size}px, {args.batch} tuples/step"
+  rows = [harness.row(f"triplet step, {devices} forced CPU device(s), {setting}",
+                      r["tuples_per_s"] / base, f"tuples/s / {base_devices} device",
+                      r["tuples_per_s"], "tuples/s",
+                      detail=f"first step {r['first_step_s']:.1f} s", **r)
+          for devices, r in results.items()]
+  if "mining_share" in results[base_devices]:
+    r = results[base_devices]
+    rows.append(harness.row(
+        f"mining share of an epoch ({args.query_size} q + {args.pool_size} pool)",
+        r["mining_share"], "mining / (mining + steps)", r["mining_s"], "s",
+        detail=f"epoch steps {r['epoch_steps_s']:.1f} s", **r))
+  return rows
+
+
+def print_report(rows: list[dict], args: argparse.Namespace) -> None:
   print(f"triplet step, EfficientNet-Lite0 + GeM, {args.size}x{args.size}, batch {args.batch} "
         f"tuples (3 images each), {os.cpu_count()} CPUs")
   print(f"{'devices':>8} {'tuples/s':>9} {'ratio to 1':>11} {'first step (compile) s':>23}")
-  for devices, r in results.items():
-    print(f"{devices:>8} {r['tuples_per_s']:>9.2f} {r['tuples_per_s'] / base:>11.2f} "
+  for r in rows[:len(args.devices)]:
+    print(f"{r['devices']:>8} {r['tuples_per_s']:>9.2f} {r['ratio']:>11.2f} "
           f"{r['first_step_s']:>23.1f}")
-  r = results[1]
-  print(f"mining per epoch ({args.query_size} queries + pool {args.pool_size}, described and "
-        f"mined): {r['mining_s']:.1f} s vs the epoch's steps {r['epoch_steps_s']:.1f} s -> "
-        f"{100 * r['mining_share']:.0f} % of the epoch")
+  if len(rows) > len(args.devices):
+    r = rows[-1]
+    print(f"mining per epoch ({args.query_size} queries + pool {args.pool_size}, described and "
+          f"mined): {r['mining_s']:.1f} s vs the epoch's steps {r['epoch_steps_s']:.1f} s -> "
+          f"{100 * r['mining_share']:.0f} % of the epoch")
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
+  if args.child is not None:
+    result = _measure(args.child, args.steps, args.batch, args.size, args.query_size,
+                      args.pool_size)
+    if args.child_out:
+      harness.write_json_atomic(args.child_out, result)
+    else:
+      print(json.dumps(result))
+    return
+  rows = run(args)
+  print_report(rows, args)
+  harness.finish("train_step", rows, args)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])
