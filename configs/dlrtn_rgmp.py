@@ -98,7 +98,9 @@ def _quick(cfg) -> None:
   """EfficientNet-Lite0 (ImageNet) at 128 px on the synthetic ``small`` preset."""
   quick_synthetic(cfg, batch_size=8)
   cfg.mining.refresh_every_epochs = 2
-  cfg.optimizer.learning_rate = 5e-5
+  # Only the last block trains: at 5e-5, 45 steps left validation mAP where it started
+  # (measured 0.352 -> 0.353).
+  cfg.optimizer.learning_rate = 3e-4
   # The last block and the head convolution: EfficientNet's "conv5_3 and later".
   cfg.optimizer.param_groups = [{"pattern": r"^backbone/params/(stem|stage[1-6]_)",
                                  "frozen": True}]

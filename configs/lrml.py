@@ -62,4 +62,6 @@ def get_config(variant: str = ""):
 
 def _quick(cfg) -> None:
   quick_synthetic(cfg)
-  cfg.optimizer.learning_rate = 5e-5
+  # At the demo's 5e-5 the ranked loss over 5 negatives pulled validation medium mAP from
+  # 0.355 to 0.16 in one epoch (measured), with gradient norms 3x the contrastive loss's.
+  cfg.optimizer.learning_rate = 1e-5

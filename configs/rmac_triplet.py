@@ -67,3 +67,6 @@ def get_config(variant: str = ""):
 
 def _quick(cfg) -> None:
   quick_synthetic(cfg)
+  # At 1e-3, on 4 triplets per update at 128 px, validation mAP rose for one epoch and then fell
+  # below the ImageNet start (measured: 0.352 -> 0.375 -> 0.345 -> 0.279 medium).
+  cfg.optimizer.learning_rate = 3e-4

@@ -7,7 +7,9 @@ Extraction decodes and resizes in worker threads (:class:`data.loader.BatchLoade
 device runs the previous batch: each image (cropped to its query box if given) is resized (long
 side ``max_size``, never enlarged, then each scale; sides rounded to multiples of the network
 stride), padded into a shape bucket (:mod:`data.buckets`: height and width rounded up to
-``bucket_step`` pixels, padding at the bottom and right, zeros in the normalised input space)
+``bucket_step`` pixels (default: a quarter of ``max_size``, so at most 4 x 4 shapes and small
+images are not padded to a large bucket), padding at the bottom and right, zeros in the
+normalised input space)
 and run at a fixed batch size, so a folder of photos of many sizes compiles one
 program per bucket shape, not one per image. The head pools only the valid feature-map cells
 (``ceil(h / stride) x ceil(w / stride)``), and the backbone zeroes the input of every spatial
@@ -74,7 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
       "max_size": 1024,
       "scales": (1.0,),
       "multiscale": "gem",  # how scales combine: gem (with p) | sum
-      "bucket_step": 256,  # pixels: bucket sides are multiples of this
+      # pixels: bucket sides are multiples of this; None: max_size / 4 rounded up to the stride
+      "bucket_step": None,
       "batch_size": 8,
   })
 
@@ -295,8 +298,11 @@ class Retriever:
     max_size = cfg.max_size if max_size is None else max_size
     scales = tuple(cfg.scales if scales is None else scales)
     batch_size = cfg.batch_size if batch_size is None else batch_size
+    # A fixed step fits one max_size only: 256 px suits 1024-px photos but would pad 128-px ones
+    # to 4x their area.
+    step = cfg.bucket_step or -(-max(1, max_size // 4) // self.stride) * self.stride
     loader = BatchLoader(
-        images_or_paths, batch_size=batch_size, step=cfg.bucket_step, boxes=boxes,
+        images_or_paths, batch_size=batch_size, step=step, boxes=boxes,
         sizes_fn=lambda i, hw: self._input_sizes(i, hw, scales, max_size),
         num_workers=num_workers, skip_unreadable=skip_unreadable, device_put=True,
         name="images_or_paths")

@@ -162,3 +162,13 @@ def test_resnet_backbones_are_masked_too(backbone):
     want = np.asarray(retriever.head.apply(retriever.variables["head"],
                                            maps[retriever.taps[0]]))[0]
     assert float(got @ want) >= 0.9999
+
+
+def test_default_bucket_step_is_a_quarter_of_max_size():
+  retriever = Retriever.from_config({"backbone": "tiny_resnet", "pretrained": False,
+                                     "max_size": 128, "batch_size": 2})
+  assert retriever.config.bucket_step is None
+  image = resize_to(skimage_data.coffee(), (90, 128))  # -> 96x128 (stride 32): its own bucket
+  retriever.extract([image])
+  # A 256-px step would have padded it to 256x256, four times the pixels.
+  assert retriever.compiled_shapes == {(2, 96, 128, 3)}
