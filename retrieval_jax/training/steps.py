@@ -143,7 +143,9 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   sharding = NamedSharding(mesh, P())
 
   def put(x):
-    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+    # Equality, not is_equivalent_to: on a 1-device mesh a single-device array is "equivalent"
+    # but its type carries no mesh, so the step (whose outputs do) would compile a second time.
+    if isinstance(x, jax.Array) and x.sharding == sharding:
       return x
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
