@@ -36,11 +36,12 @@ This is host-side numpy: users run it once, on their own pairs, and store the re
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
+
+from retrieval_jax._atomic import write_atomic
 
 DEFAULT_BINS = 64
 DEFAULT_SMOOTHING = 1e-6
@@ -220,19 +221,7 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray]) -> 
     if not isinstance(name, str) or not name:
       raise ValueError(f"weights keys must be non-empty strings; got {name!r}.")
     arrays[name] = np.asarray(value)
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_klw_", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from retrieval_jax import multiscale
+from retrieval_jax._atomic import give_default_mode
 from retrieval_jax.data.loader import BatchLoader
 from retrieval_jax.models import BACKBONES, PRETRAINED, build_backbone, load_pretrained
 from retrieval_jax.models.common import preprocess
@@ -213,6 +214,7 @@ class Retriever:
     try:
       (tmp / "config.json").write_text(self.config.to_json(indent=2))
       save_variables(tmp / "variables", self.variables)
+      give_default_mode(tmp, directory=True)
       os.replace(tmp, target)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)

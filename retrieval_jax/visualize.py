@@ -11,16 +11,14 @@ when the ground truth is known, with an optional caption (rank, score) under eac
 
 from __future__ import annotations
 
-import io
 import os
-import pathlib
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from retrieval_jax._atomic import write_atomic
 from retrieval_jax.data.images import load_image
 
 CORRECT = (0, 160, 60)
@@ -137,11 +135,4 @@ def result_grid(queries: Sequence[Any], results: Sequence[Sequence[Any]], *,
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
   """Writes ``image`` as PNG, atomically (temporary file, then ``os.replace``)."""
-  target = pathlib.Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  buffer = io.BytesIO()
-  image.save(buffer, format="PNG")
-  with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp",
-                                   delete=False) as f:
-    f.write(buffer.getvalue())
-  os.replace(f.name, target)
+  write_atomic(path, lambda f: image.save(f, format="PNG"))

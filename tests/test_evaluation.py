@@ -445,3 +445,12 @@ def test_real_tiny_retriever_end_to_end():
   assert retriever_fingerprint(retriever) == before
   retriever.variables["head"]["params"]["p"] = np.float32(3.5)
   assert retriever_fingerprint(retriever) != before
+
+
+def test_reports_are_written_with_the_default_file_mode(tmp_path):
+  import os  # noqa: PLC0415
+  write_report({"mAP": 0.5}, tmp_path / "report.json")
+  mask = os.umask(0)
+  os.umask(mask)
+  assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~mask
+  assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

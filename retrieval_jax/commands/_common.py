@@ -31,11 +31,12 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
+
+from retrieval_jax._atomic import write_atomic
 
 PROG = "retrieval-jax"
 #: Exit status of a usage or input error (argparse's own).
@@ -430,29 +431,16 @@ def image_label(dataset_images: Sequence[Any], index: int, role: str) -> str:
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _atomic(path: pathlib.Path, write: Callable[[Any], None], mode: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.",
-                                   suffix=".tmp", delete=False) as f:
-    try:
-      write(f)
-    except BaseException:
-      f.close()
-      os.unlink(f.name)
-      raise
-  os.replace(f.name, path)
-
-
 def write_json(path: str | os.PathLike, value: Any) -> None:
   """Writes ``value`` as indented JSON, atomically (temporary file, then ``os.replace``)."""
-  _atomic(pathlib.Path(path), lambda f: json.dump(value, f, indent=2), "w")
+  write_atomic(path, lambda f: json.dump(value, f, indent=2), "w")
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
   """Writes ``array`` as ``.npy``, atomically."""
-  _atomic(pathlib.Path(path), lambda f: np.save(f, array, allow_pickle=False), "wb")
+  write_atomic(path, lambda f: np.save(f, array, allow_pickle=False), "wb")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data``, atomically."""
-  _atomic(pathlib.Path(path), lambda f: f.write(data), "wb")
+  write_atomic(path, lambda f: f.write(data), "wb")

@@ -61,6 +61,7 @@ import ml_collections
 import numpy as np
 
 from retrieval_jax import distances, rerank, whitening
+from retrieval_jax._atomic import write_atomic
 from retrieval_jax._validation import check_finite
 from retrieval_jax.data.datasets import InstanceSet, RetrievalSet
 from retrieval_jax.data.samplers import sample_pairs
@@ -864,24 +865,11 @@ def _jsonable(value: Any) -> Any:
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
   """Writes ``report`` as indented JSON, atomically (temporary file, then ``os.replace``)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                   suffix=".tmp", delete=False) as f:
-    try:
-      json.dump(_jsonable(report), f, indent=2)
-    except BaseException:
-      f.close()
-      os.unlink(f.name)
-      raise
-  os.replace(f.name, path)
+  write_atomic(path, lambda f: json.dump(_jsonable(report), f, indent=2), "w")
 
 
 def _atomic_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                   delete=False) as f:
-    np.save(f, array)
-  os.replace(f.name, path)
+  write_atomic(path, lambda f: np.save(f, array))
 
 
 def _pct(value: float | None) -> str:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval_jax._atomic import give_default_mode
+
 FORMAT = "retrieval_jax.search"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -110,6 +112,7 @@ def write_index(directory, *, kind: str, dim: int, count: int, model_id: str,
                 "count": int(count), "model_id": str(model_id), **(extra or {}),
                 "files": _pinned_files(tmp)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    give_default_mode(tmp, directory=True)
     if directory.exists():
       old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
       os.rename(directory, old / "index")
