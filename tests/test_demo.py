@@ -120,9 +120,9 @@ def test_precision_recall_curve_by_hand():
   # 3/7 at recall 1/3, 2/3, 1.
   ranks = np.array([[1, 4, 3, 0, 9, 5, 6, 2, 7, 8]])
   gnd = [{"ok": [1, 2, 9], "junk": [4]}]
-  np.testing.assert_allclose(demo.precision_recall_curve(ranks, gnd, [0.0, 0.5, 1.0]),
+  np.testing.assert_allclose(metrics.precision_recall_curve(ranks, gnd, [0.0, 0.5, 1.0]),
                              [1.0, 0.5, 3 / 7])
-  perfect = demo.precision_recall_curve(ranks, [{"ok": [1, 4], "junk": []}])
+  perfect = metrics.precision_recall_curve(ranks, [{"ok": [1, 4], "junk": []}])
   np.testing.assert_allclose(perfect, np.ones(101))
 
 
@@ -138,7 +138,7 @@ def test_precision_recall_curve_matches_brute_force():
          {"ok": [8], "junk": []},
          {"ok": [], "junk": [3]},
          {"ok": [7, 0], "junk": [6, 1, 0]}]
-  got = demo.precision_recall_curve(ranks, gnd, levels, n_db=10)
+  got = metrics.precision_recall_curve(ranks, gnd, levels, n_db=10)
   np.testing.assert_allclose(got, _brute_force_pr(ranks, gnd, levels), rtol=0, atol=1e-12)
   # Random full rankings with 10 positives (levels land exactly on recalls) and junk.
   rng = np.random.default_rng(0)
@@ -149,15 +149,15 @@ def test_precision_recall_curve_matches_brute_force():
     for _ in range(n_q):
       chosen = rng.permutation(n_db)
       gnd.append({"ok": chosen[:10], "junk": chosen[10:10 + rng.integers(0, 6)]})
-    got = demo.precision_recall_curve(ranks, gnd, levels)
+    got = metrics.precision_recall_curve(ranks, gnd, levels)
     np.testing.assert_allclose(got, _brute_force_pr(ranks, gnd, levels), rtol=0, atol=1e-12)
 
 
 def test_precision_recall_curve_rejects_bad_input():
   with pytest.raises(ValueError, match="recall_levels"):
-    demo.precision_recall_curve(np.array([[0, 1]]), [{"ok": [0]}], [0.5, 1.5])
+    metrics.precision_recall_curve(np.array([[0, 1]]), [{"ok": [0]}], [0.5, 1.5])
   with pytest.raises(ValueError, match="no positives"):
-    demo.precision_recall_curve(np.array([[0, 1]]), [{"ok": []}])
+    metrics.precision_recall_curve(np.array([[0, 1]]), [{"ok": []}])
 
 
 def test_run_demo_rejects_other_data_sources(tmp_path):

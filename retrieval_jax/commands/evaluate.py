@@ -2,7 +2,7 @@
 
     retrieval-jax evaluate --config my_eval.py --out runs/eval \\
         [--config.eval.rerank=alpha_qe --config.dataset.name=synthetic:small ...]
-    retrieval-jax evaluate --checkpoint runs/demo/retriever --dataset roxford5k \\
+    retrieval-jax evaluate --checkpoint runs/demo/train/retriever --dataset roxford5k \\
         --data-dir ~/tensorflow_datasets --manual-dir ~/data/revisitop --out runs/roxford
     retrieval-jax evaluate --pretrained efficientnet-lite0 --dataset synthetic:small \\
         --whitening lw --whitening-set synthetic:train --rerank alpha_qe --out runs/syn

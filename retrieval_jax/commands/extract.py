@@ -1,6 +1,6 @@
 """``retrieval-jax extract``: describe images (folders, files, text lists) with a retriever.
 
-    retrieval-jax extract photos/ more.txt --retriever runs/demo/retriever --out descs/
+    retrieval-jax extract photos/ more.txt --retriever runs/demo/train/retriever --out descs/
     retrieval-jax extract photos/ --pretrained efficientnet-lite0 --pooling gem \\
         --max-size 512 --dtype float16 --out descs/
 

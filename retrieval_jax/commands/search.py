@@ -1,8 +1,8 @@
 """``retrieval-jax search``: the top-k database images of query images.
 
-    retrieval-jax search q1.jpg queries/ --index index/ --retriever runs/demo/retriever \\
+    retrieval-jax search q1.jpg queries/ --index index/ --retriever runs/demo/train/retriever \\
         -k 10 --json results.json --grid results.png
-    retrieval-jax search --dataset synthetic:tiny --retriever runs/demo/retriever \\
+    retrieval-jax search --dataset synthetic:tiny --retriever runs/demo/train/retriever \\
         -k 8 --grid results.png
 
 With ``--index`` (built by ``retrieval-jax index``), the queries are image files, folders or
