@@ -17,17 +17,25 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from retrieval_jax import Retriever
 from retrieval_jax.data.datasets import InstanceSet
+from retrieval_jax.data.images import resize_to
+from retrieval_jax.data.samplers import random_negatives, sample_pairs
+from retrieval_jax.kl_weighting import estimate_region_weights
+from retrieval_jax.models import remap_region_descriptors, whitening_params
+from retrieval_jax.models.common import preprocess
+from retrieval_jax.training.batches import training_size
 from retrieval_jax.config_files import apply_override, load_config_file
 from retrieval_jax.commands.train import main as train_main
 from retrieval_jax.training.config import (check_training_set, default_train_config,
                                            validate_config)
-from retrieval_jax.training.loop import TrainingDivergedError, train
+from retrieval_jax.training.loop import TrainingDivergedError, _Trainer, resolve_config, train
+from retrieval_jax.whitening import learn_pca_whitening
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6  # 2 epochs x 3 steps (12 tuples / batch 4)
@@ -267,3 +275,110 @@ def test_nan_stops_with_message_and_keeps_last_good_checkpoint(config_file, tmp_
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(restored["params"]))
   assert _records(workdir)[-1]["kind"] == "error"
   assert not (workdir / "retriever").exists()
+
+
+# ------------------------------------------------------------------------------ REMAP init
+
+
+def _remap_config() -> object:
+  """Tiny REMAP: untrained tiny ResNet (streams stage3 + stage4, D = 32 + 64), 2 grid levels
+  (8 regions), an 8-dim FC (the top components are well defined from ~26 images), the synthetic
+  ``tiny`` preset at 64 px; 12 matching + 12 non-matching pairs for the initialisation."""
+  cfg = default_train_config()
+  cfg.model.update(backbone="tiny_resnet", pretrained=False, pooling="remap", remap_levels=2,
+                   whiten_dims=8)
+  cfg.data.update(preset="tiny", synthetic_image_size=64, image_size=64, num_workers=1)
+  cfg.eval.update(max_size=64, num_workers=1)
+  cfg.loss.update(name="triplet", margin=0.1)
+  cfg.mining.update(num_negatives=1, query_size=4, pool_size=16)
+  cfg.train.update(epochs=1, batch_size=4, progress=False, eval_at_start=False,
+                   remap_init="data", remap_init_pairs=12)
+  return cfg
+
+
+def _unpadded_region_descriptors(retriever: Retriever, images: list[np.ndarray],
+                                 image_size: int) -> list[np.ndarray]:
+  """REMAP's region vectors per tap, ``[N, R, C_l]``, one unpadded image at a time (no bucket,
+  no mask, no devices): the trainer's padded, masked, sharded batches must give the same."""
+  levels = retriever.head.levels
+
+  @jax.jit
+  def regions(variables, pixels):
+    maps = retriever.backbone.apply(variables, preprocess(pixels, retriever.preprocessing))
+    return [remap_region_descriptors(maps[tap], levels)[0] for tap in retriever.taps]
+
+  out = []
+  for image in images:
+    pixels = resize_to(image, training_size(image.shape[:2], image_size, retriever.stride))
+    out.append(regions(retriever.variables["backbone"], jnp.asarray(pixels)[None]))
+  return [np.stack([np.asarray(r[layer]) for r in out]) for layer in range(len(out[0]))]
+
+
+def test_remap_init_from_data_matches_an_independent_estimate(uninterrupted, tmp_path):
+  cfg = resolve_config(_remap_config())
+  # The backbone of the reference run's saved Retriever (the paper configs' init_backbone
+  # path), which also spares this test a random initialisation of its own (~13 s of XLA
+  # compilation on a CPU).
+  cfg.train.init_backbone = str(uninterrupted[0] / "retriever")
+  validate_config(cfg, num_devices=jax.device_count())
+  trainer = _Trainer(cfg, tmp_path)
+  try:
+    before = jax.device_get(trainer.initial_state.variables)
+    info = trainer.init_remap_from_data()
+  finally:
+    trainer.batcher.close()
+  head = jax.device_get(trainer.initial_state.variables)["head"]["params"]
+
+  # The pairs: the documented draw, a pure function of the seed.
+  ids = np.asarray(trainer.train_set.cluster_ids)
+  pairs = sample_pairs(ids, num_pairs=12, seed=0, epoch=0)
+  negatives = random_negatives(ids[pairs[:, 0]], ids, 1, seed=0, epoch=0)[:, 0]
+  expected_rows = np.concatenate([pairs, np.stack([pairs[:, 0], negatives], 1)])
+  np.testing.assert_array_equal(info["pairs"], expected_rows)
+  np.testing.assert_array_equal(info["same"], np.arange(24) < 12)
+  assert np.all(ids[expected_rows[:12, 0]] == ids[expected_rows[:12, 1]])
+  assert np.all(ids[expected_rows[12:, 0]] != ids[expected_rows[12:, 1]])
+
+  # Region vectors of the same images with the initial network (the trainer's Retriever keeps
+  # it), computed independently.
+  images = np.unique(expected_rows)
+  described = _unpadded_region_descriptors(
+      trainer.retriever, [trainer.train_set.images[i] for i in images], cfg.data.image_size)
+  first, second = (np.searchsorted(images, expected_rows[:, j]) for j in (0, 1))
+  same = np.arange(24) < 12
+  weights = [estimate_region_weights(d[first], d[second], same) for d in described]
+  for layer, w in enumerate(weights):
+    assert w.shape == (8,) and np.all(w >= 0) and np.ptp(w) > 0
+    np.testing.assert_allclose(head[f"klw_{layer}"], w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(info["klw"][f"klw_{layer}"], w, rtol=1e-4, atol=1e-6)
+
+  # The FC: PCA-whitening of p = [sum_r klw_r r(r)]_l of each described image, top 8 rows.
+  p = np.concatenate([np.einsum("mrc,r->mc", d, w) for d, w in zip(described, weights)], 1)
+  expected = whitening_params(*learn_pca_whitening(p), dims=8)
+  kernel = np.asarray(head["fc"]["kernel"])
+  signs = np.sign(np.sum(kernel * expected["kernel"], axis=0))  # eigenvectors' signs are free
+  np.testing.assert_allclose(kernel, expected["kernel"] * signs, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(head["fc"]["bias"], expected["bias"] * signs, rtol=1e-3, atol=1e-4)
+  # Nothing else changed: the backbone is the initial one, the saved Retriever's.
+  saved = Retriever.load(uninterrupted[0] / "retriever").variables["backbone"]
+  for a, b, c in zip(jax.tree_util.tree_leaves(before["backbone"]),
+                     jax.tree_util.tree_leaves(trainer.initial_state.variables["backbone"]),
+                     jax.tree_util.tree_leaves(saved), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"train__remap_init": "kl"}, r"train\.remap_init must be one of \['data', 'none'\]; got 'kl'"),
+    ({"train__remap_init": "data"},
+     r"train\.remap_init 'data' initialises a REMAP head, but model\.pooling is 'gem'"),
+    ({"model__pooling": "remap", "train__remap_init": "data", "train__remap_init_pairs": 0},
+     r"train\.remap_init_pairs must be an integer >= 1 or None; got 0"),
+])
+def test_invalid_remap_init_fails_naming_the_field(fields, message, tmp_path):
+  cfg = _config(**fields)
+  with pytest.raises(ValueError, match=message):
+    validate_config(cfg, num_devices=4)
+  with pytest.raises(ValueError, match=message):
+    train(cfg, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

@@ -50,6 +50,7 @@ from retrieval_jax.training.optimizers import default_optimizer_config, make_opt
 
 DATA_SOURCES = ("synthetic", "folder", "csv", "tfds")
 NEGATIVES = ("hard", "random")
+REMAP_INITS = ("data", "none")  # train.remap_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,15 @@ def default_train_config() -> ml_collections.ConfigDict:
           # whose backbone variables start training (backbones without a pretrained package:
           # VGG16, ResNet-101, ...). Same model.backbone required. None: model.pretrained.
           "init_backbone": optional_str(),
+          # REMAP heads (model.pooling = "remap"), fresh runs only: "data" sets the KL region
+          # weights (KLW) and the FC (PCA + whitening) from region descriptors of labelled
+          # training pairs computed with the initial network before the first step (REMAP
+          # Sec. III-B/C; training.loop docstring); "none" keeps 1 and the random FC.
+          "remap_init": "none",
+          # Matching pairs drawn for it (as many non-matching ones besides); None:
+          # mining.query_size (None: every available pair). Host memory grows with it: every
+          # described image keeps its [R, C_l] region vectors per layer.
+          "remap_init_pairs": optional_int(),
       },
       "eval": _default_eval(),
       # [{section: {field: value}}, ...]: training stages (module docstring); [] for one run.
@@ -437,6 +447,10 @@ def _validate_one(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   _int(cfg, "train.keep_checkpoints", 1)
   _int(cfg, "train.log_every_steps", 1)
   _int(cfg, "train.debug_nan_at_step", 1, optional=True)
+  if _choice(cfg, "train.remap_init", REMAP_INITS) == "data" and cfg.model.pooling != "remap":
+    _fail("train.remap_init", f"'data' initialises a REMAP head, but model.pooling is "
+                              f"{cfg.model.pooling!r}; use 'none' (or model.pooling='remap').")
+  _int(cfg, "train.remap_init_pairs", 1, optional=True)
   # Sampling.
   if spec.kind == "batch":
     k = _int(cfg, "data.classes_per_batch", 1, optional=True)

@@ -48,6 +48,18 @@ as it was, the head rebuilt from the stage's ``model`` keeping every parameter o
 and shape (R-MAC -> R-GAC adds a fresh ``xi``), the classifier likewise, and a fresh optimizer.
 A stage with ``summary.json`` and ``variables`` is complete and skipped on resume.
 
+**REMAP initialisation** (``model.pooling = "remap"``, ``train.remap_init = "data"``). Before
+the first step of a fresh run (never on resume: the checkpoints hold the initialised head) the
+initial network describes the images of labelled training pairs
+(:meth:`_Trainer.remap_init_pairs`: ``train.remap_init_pairs`` matching pairs of
+``(seed, epoch 0)`` and as many non-matching ones) with
+:func:`~retrieval_jax.models.remap_region_descriptors`, and
+:func:`~retrieval_jax.models.remap_init_from_data` sets the KL region weights from their
+per-region distances and the FC from the PCA-whitening of the described images' ``p`` (REMAP
+§III-B/C); training, and the "before" validation, start from that head. The weights and the
+pairs are saved in ``workdir/remap_init.npz`` (:func:`retrieval_jax.kl_weighting.load_weights`).
+A stage continuing a previous stage's REMAP head keeps it.
+
 **Divergence.** A non-finite loss or gradient norm stops training with
 :class:`TrainingDivergedError` naming the step; that state is never saved, so the latest
 checkpoint is the last good one.
@@ -74,13 +86,16 @@ from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, L
 
 from retrieval_jax import losses
 from retrieval_jax.data.datasets import InstanceSet, RetrievalSet
-from retrieval_jax.data.samplers import (epoch_rng, m_per_class_batches, random_tuples,
-                                         sample_pairs, sample_pool)
+from retrieval_jax.data.samplers import (epoch_rng, m_per_class_batches, random_negatives,
+                                         random_tuples, sample_pairs, sample_pool)
 from retrieval_jax.evaluation.runner import evaluate
+from retrieval_jax.kl_weighting import save_weights
 from retrieval_jax.mining import RefreshSchedule, active_triplets, mine_negatives
 from retrieval_jax.retriever import Retriever
 from retrieval_jax.training.batches import ImageBatcher, prefetch
+from retrieval_jax.models.common import preprocess
 from retrieval_jax.models.dlrtn_classifier import DLRTNClassifier
+from retrieval_jax.models.remap import remap_init_from_data, remap_region_descriptors
 from retrieval_jax.models.variables_io import load_variables, save_variables
 from retrieval_jax.training.config import (LOSSES, check_training_set, default_train_config,
                                            loss_kind, stage_configs, update_config,
@@ -390,7 +405,12 @@ class _Trainer:
                                     cfg.mining.refresh_every_tuples)
     self.steps_per_epoch = self._count_steps()
     tx = make_optimizer(cfg.optimizer, self.steps_per_epoch)
+    self.tx = tx
     self.initial_state = create_train_state(variables, tx, rng=self.seed)
+    # A head carried over from a previous stage's REMAP head was trained: never re-estimated.
+    carried = (init_variables or {}).get("head", {}).get("params", {})
+    self.remap_init_due = (cfg.model.pooling == "remap" and cfg.train.remap_init == "data"
+                           and not any(k.startswith("klw_") for k in carried))
     frozen = any(g.get("frozen") for g in cfg.optimizer.param_groups)
     options = dict(learning_rate_fn=make_schedule(cfg.optimizer, self.steps_per_epoch),
                    trainable=trainable_mask(cfg.optimizer, self.initial_state.params)
@@ -521,6 +541,81 @@ class _Trainer:
       out["loss_scale"] = np.full(self.batch_size, np.nan if nan else 1.0, np.float32)
     return out
 
+  # ---------------------------------------------------------------------------- REMAP init
+
+  def remap_init_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled pairs REMAP's initialisation estimates from: int64 ``[2N, 2]`` image
+    indices and bool ``[2N]`` (True: matching).
+
+    Rows ``0..N-1`` are the matching pairs :func:`sample_pairs` draws at ``(seed, epoch 0)``
+    (``N = train.remap_init_pairs``, default ``mining.query_size``); rows ``N..2N-1`` pair each
+    of their queries with a random image of another cluster (:func:`random_negatives`, same
+    seed and epoch). Pure functions of the seed, so a re-run estimates from the same pairs.
+    """
+    n = self.cfg.train.remap_init_pairs or self.cfg.mining.query_size
+    pairs = sample_pairs(self.ids, positive_pairs=self.train_set.positive_pairs, num_pairs=n,
+                         seed=self.seed, epoch=0)
+    negatives = random_negatives(self.ids[pairs[:, 0]], self.ids, 1, seed=self.seed, epoch=0)
+    rows = np.concatenate([pairs, np.stack([pairs[:, 0], negatives[:, 0]], 1)])
+    return rows.astype(np.int64), np.arange(len(rows)) < len(pairs)
+
+  def region_descriptors(self, state: TrainState, indices: np.ndarray) -> list[np.ndarray]:
+    """REMAP's ``r_l = L2(zeta(o_l))`` of training images (un-augmented, in the order of
+    ``indices``) with the state's backbone: one float32 ``[len(indices), R, C_l]`` per tap."""
+    retriever, head = self.retriever, self.retriever.head
+
+    def regions(variables, pixels, mask):
+      # The backbone half of Retriever.embed (same preprocessing, padding and tap masks).
+      images = jnp.where(mask[..., None], preprocess(pixels, retriever.preprocessing), 0.0)
+      maps = retriever.backbone.apply(variables["backbone"], images, mask=mask)
+      return [remap_region_descriptors(
+          maps[t], head.levels, head.include_full_map,
+          mask[:, ::retriever.tap_strides[t], ::retriever.tap_strides[t]])
+              for t in retriever.taps]
+
+    regions_fn = jax.jit(regions)
+    variables = replicate(state.variables, self.mesh)
+    per_batch = self.devices * -(-self.cfg.mining.describe_batch_size // self.devices)
+    out: list[list[np.ndarray]] = [[] for _ in retriever.taps]
+    for pixels, mask, n in self.batcher.plain_batches(np.asarray(indices), per_batch):
+      x = shard_batch({"pixels": pixels, "mask": mask}, self.mesh)
+      for rows, r in zip(out, regions_fn(variables, x["pixels"], x["mask"])):
+        rows.append(np.asarray(r, np.float32)[:n])
+    return [np.concatenate(rows) for rows in out]
+
+  def init_remap_from_data(self) -> dict[str, Any]:
+    """Replaces :attr:`initial_state` by one whose REMAP head has KLW and FC estimated from
+    data (:func:`~retrieval_jax.models.remap_init_from_data`; REMAP §III-B/C) and returns what
+    it did (``pairs``, ``images``, the new ``klw_<l>``).
+
+    The initial network (frozen: nothing here is trained) describes every image of
+    :meth:`remap_init_pairs` once; the KL weights come from the pairs' region distances and the
+    PCA-whitening of the FC from ``p`` of each described image (each once). The optimizer
+    state is rebuilt for the new parameters.
+    """
+    rows, same = self.remap_init_pairs()
+    images = np.unique(rows)
+    described = self.region_descriptors(self.initial_state, images)
+    first, second = (np.searchsorted(images, rows[:, j]) for j in (0, 1))
+    variables = dict(jax.device_get(self.initial_state.variables))
+    components = np.shape(variables["head"]["params"]["fc"]["kernel"])[1]
+    if components >= len(images):
+      # M centred rows span at most M - 1 directions; learn_pca_whitening scales the others
+      # by its jitter (~1e5), so they carry whatever new images have there, and gradients
+      # through them are huge (a synthetic run's descriptors collapsed within one epoch).
+      log.warning("REMAP init: the FC keeps %d PCA-whitening components but the %d described "
+                  "images span at most %d: the rest get a jitter scale and training from them "
+                  "can collapse; raise train.remap_init_pairs or set model.whiten_dims <= %d.",
+                  components, len(images), len(images) - 1, len(images) - 1)
+    head = remap_init_from_data(variables["head"], [d[first] for d in described],
+                                [d[second] for d in described], same,
+                                pca_region_descriptors=described,
+                                stream_l2n=self.retriever.head.stream_l2n)
+    variables["head"] = head
+    self.initial_state = create_train_state(variables, self.tx, rng=self.seed)
+    klw = {k: np.asarray(v) for k, v in head["params"].items() if k.startswith("klw_")}
+    return {"pairs": rows, "same": same, "images": len(images), "klw": klw}
+
   # ---------------------------------------------------------------------------- evaluation
 
   def validate(self, state: TrainState) -> dict[str, Any]:
@@ -604,7 +699,8 @@ def train(cfg: ml_collections.ConfigDict | dict, workdir: str | os.PathLike, *,
     cfg: a training config (fields of :func:`~retrieval_jax.training.default_train_config`;
       missing ones take defaults).
     workdir: where checkpoints, ``metrics.jsonl``, ``tb/``, ``config.json``, ``summary.json``
-      and the final ``retriever/`` go. With ``cfg.stages``, stage ``i`` writes its own
+      and the final ``retriever/`` go (and ``remap_init.npz`` with ``train.remap_init =
+      "data"``). With ``cfg.stages``, stage ``i`` writes its own
       checkpoints, logs, summary and retriever under ``workdir/stage_<i>`` (plus its final
       variables, DLRTN's classifier included, in ``stage_<i>/variables`` for the next stage);
       ``workdir`` gets ``config.json``, the combined ``summary.json`` and the last stage's
@@ -708,6 +804,13 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, resum
   spe, epochs, t = trainer.steps_per_epoch, cfg.train.epochs, cfg.train
 
   latest = manager.latest_step()
+  remap_init = None
+  if latest is None and trainer.remap_init_due:  # a resumed run restores the initialised head
+    t0 = time.perf_counter()
+    remap_init = trainer.init_remap_from_data()
+    remap_init["time_s"] = time.perf_counter() - t0
+    save_weights(workdir / "remap_init.npz", {**remap_init["klw"], "pairs": remap_init["pairs"],
+                                               "same": remap_init["same"]})
   state: TrainState = trainer.initial_state
   rows: np.ndarray | None = None
   position = {"epoch": 0, "step_in_epoch": 0, "tuples_since_refresh": None,
@@ -725,6 +828,10 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, resum
     metrics_log.write("config", 0, {"steps_per_epoch": spe, "devices": trainer.devices,
                                     "train_images": len(trainer.train_set),
                                     "loss": cfg.loss.name})
+  if remap_init is not None:
+    metrics_log.write("remap_init", 0, {"pairs": len(remap_init["pairs"]),
+                                        "images": remap_init["images"],
+                                        "time_s": remap_init["time_s"]})
   global_step = 0 if latest is None else latest
   last_loss = position.get("last_loss")
 
