@@ -20,6 +20,7 @@ EfficientNet-Lite, ResNet and VGG, approximate for AlexNet's 11x11/4 stem).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -97,6 +98,13 @@ def _build_head(cfg: ml_collections.ConfigDict):
   raise ValueError(f"pooling must be one of {POOLINGS}; got {cfg.pooling!r}.")
 
 
+@functools.lru_cache(maxsize=None)
+def _random_init(backbone: str):
+  """The jitted ``init`` of a backbone, one per name: compiling the random initialisers takes
+  seconds (10 s for ``tiny_resnet`` on a 2-core CPU), so each process pays it once."""
+  return jax.jit(build_backbone(backbone).init)
+
+
 class Retriever:
   """Backbone + head + variables; see the module docstring. Build it with
   :meth:`from_pretrained`, :meth:`from_config` or :meth:`load`."""
@@ -171,8 +179,7 @@ class Retriever:
       if key not in BACKBONES:
         raise ValueError(f"config backbone {full.backbone!r} is unknown; available: "
                          f"{sorted(BACKBONES)}.")
-      backbone_vars = jax.jit(build_backbone(key).init)(jax.random.PRNGKey(0),
-                                                        jnp.zeros((1, 64, 64, 3)))
+      backbone_vars = _random_init(key)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
     return cls.from_backbone_variables(full, backbone_vars)
 
   @classmethod
