@@ -18,58 +18,59 @@ import argparse
 import logging
 import sys
 
-
+from retrieval_jax.commands import _common
 from retrieval_jax.config_files import apply_override, load_config_file, split_overrides
 
+NAME = "train"
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
-  """The options and the ``(field, text)`` overrides, in command-line order."""
-  rest, overrides = split_overrides(argv)
-  parser = argparse.ArgumentParser(
-      prog="retrieval-jax train", description="Train a retrieval model from a config file.",
-      epilog="Override any field with --config.<dotted.field>=<value>.")
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _common.make_parser(NAME, __doc__)
   parser.add_argument("--config", required=True, help="a Python file defining get_config()")
   parser.add_argument("--workdir", required=True,
                       help="checkpoints, metrics.jsonl, tb/ and the final retriever/ go here")
   parser.add_argument("--no-resume", action="store_true",
                       help="refuse a workdir that already holds checkpoints")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return parser.parse_args(rest), overrides
+  return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-  argv = sys.argv[1:] if argv is None else argv
+def _run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  cfg = load_config_file(args.config)
+  for field, text in overrides:
+    apply_override(cfg, field, text)
+  if args.no_progress:
+    cfg.train.progress = False
   # Our messages (resume, warnings) at INFO; orbax/absl chatter only from WARNING up.
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("retrieval_jax").setLevel(logging.INFO)
-  try:
-    args, overrides = parse_args(argv)
-    cfg = load_config_file(args.config)
-    for field, text in overrides:
-      apply_override(cfg, field, text)
-    if args.no_progress:
-      cfg.train.progress = False
-  except ValueError as err:
-    print(f"retrieval-jax train: error: {err}", file=sys.stderr)
-    raise SystemExit(2) from None
 
   # Heavy imports (jax, models) only once the command line is known to be good.
   from retrieval_jax.training.loop import TrainingDivergedError, train  # noqa: PLC0415
 
   try:
     summary = train(cfg, args.workdir, resume=not args.no_resume)
-  except ValueError as err:  # bad config or data (ImageReadError is a ValueError too)
-    print(f"retrieval-jax train: error: {err}", file=sys.stderr)
-    raise SystemExit(2) from None
   except TrainingDivergedError as err:
-    print(f"retrieval-jax train: stopped: {err}", file=sys.stderr)
-    raise SystemExit(1) from None
+    print(f"{_common.PROG} {NAME}: stopped: {err}", file=sys.stderr)
+    return 1
   before, after = summary["before_val_map"], summary["final_val_map"]
   fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
   print(f"trained {summary['steps']} steps in {summary['time_s']:.0f} s; validation mAP "
         f"{fmt(before)} -> {fmt(after)} (best {fmt(summary['best_val_map'])} at step "
         f"{summary['best_step']}); model: {summary['retriever']}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs ``retrieval-jax train``; returns the exit status (2: bad input, 1: diverged)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    rest, overrides = split_overrides(argv)
+  except ValueError as err:  # "--config.x needs a value"
+    print(f"{_common.PROG} {NAME}: error: {err}", file=sys.stderr)
+    return _common.USAGE_ERROR
+  return _common.run(NAME, build_parser, lambda args: _run(args, overrides), rest)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
