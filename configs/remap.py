@@ -32,7 +32,11 @@ Reported (mAP %, full-dimensional REMAP, REMAP Table VI): Oxford5k 91.5, Oxford1
 Holidays 92.0 (95.5 rotated), Holidays100k 91.2, MPEG 80.1; with QE Oxford5k 92.4, Oxford105k
 91.4. KLW ablation (Table III): Holidays 94.5, Oxford5k 88.3, MPEG 77.5.
 
-Our measurement: not yet run (neither the paper recipe nor ``quick``).
+Our measurement: the paper recipe has not been run. ``quick`` (seed 0, 2-core CPU), validation
+revisited mAP easy / medium / hard on the ``small`` val split (20 queries, so +-0.02 is
+noise), at 128 px, KLW and FC initialised from 240 pairs (285 images, 9 s): start (after the
+data initialisation) 0.433 / 0.405 / 0.257 -> after epochs 1-3 medium 0.405, 0.423, 0.382;
+final 0.443 / 0.382 / 0.236: no gain beyond the noise.
 """
 
 from retrieval_jax.training.config import default_train_config, quick_synthetic, select_variant

@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from retrieval_jax._atomic import write_atomic
+from retrieval_jax.config_files import split_overrides
 
 PROG = "retrieval-jax"
 #: Exit status of a usage or input error (argparse's own).
@@ -119,6 +120,20 @@ def run(command: str, build_parser: Callable[[], argparse.ArgumentParser],
     print(f"{PROG} {command}: interrupted", file=sys.stderr)
     return 130
   return 0 if status is None else int(status)
+
+
+def run_with_overrides(command: str, build_parser: Callable[[], argparse.ArgumentParser],
+                       body: Callable[[argparse.Namespace, list[tuple[str, str]]], int | None],
+                       argv: Sequence[str] | None) -> int:
+  """:func:`run` for commands that take ``--config.<field>=<value>`` overrides: they are split
+  off before parsing and passed to ``body(args, overrides)`` in command-line order."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    rest, overrides = split_overrides(argv)
+  except ValueError as err:  # "--config.x needs a value"
+    print(f"{PROG} {command}: error: {err}", file=sys.stderr)
+    return USAGE_ERROR
+  return run(command, build_parser, lambda args: body(args, overrides), rest)
 
 
 def parse_scales(text: str) -> tuple[float, ...]:

@@ -27,7 +27,6 @@ import sys
 import ml_collections
 
 from retrieval_jax.commands import _common
-from retrieval_jax.config_files import split_overrides
 
 NAME = "evaluate"
 
@@ -171,13 +170,7 @@ def _run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs ``retrieval-jax evaluate``; returns the exit status."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    argv, overrides = split_overrides(argv)
-  except _common.CommandError as err:
-    print(f"{_common.PROG} {NAME}: error: {err}", file=sys.stderr)
-    return _common.USAGE_ERROR
-  return _common.run(NAME, build_parser, lambda args: _run(args, overrides), argv)
+  return _common.run_with_overrides(NAME, build_parser, _run, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import logging
 import sys
 
 from retrieval_jax.commands import _common
-from retrieval_jax.config_files import apply_override, load_config_file, split_overrides
+from retrieval_jax.config_files import apply_override, load_config_file
 
 NAME = "train"
 
@@ -63,13 +63,7 @@ def _run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs ``retrieval-jax train``; returns the exit status (2: bad input, 1: diverged)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    rest, overrides = split_overrides(argv)
-  except ValueError as err:  # "--config.x needs a value"
-    print(f"{_common.PROG} {NAME}: error: {err}", file=sys.stderr)
-    return _common.USAGE_ERROR
-  return _common.run(NAME, build_parser, lambda args: _run(args, overrides), rest)
+  return _common.run_with_overrides(NAME, build_parser, _run, argv)
 
 
 if __name__ == "__main__":
