@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,11 @@ def test_config_loads_and_validates(name, variant):
   devices = 4 if cfg.train.batch_size % 4 == 0 else 1
   validate_config(cfg, num_devices=devices)
   module = (REPO / "configs" / f"{name}.py").read_text()
-  assert "our measurement: not yet run" in module.lower()
+  # Honest about what was run: the paper recipes were not; each quick variant has its
+  # measured validation mAP at the start and the end of training.
+  measured = module[module.index("Our measurement:"):module.index('"""', 10)]
+  assert "the paper recipe has not been run" in measured
+  assert "``quick``" in measured and len(re.findall(r"\b0\.\d{3}\b", measured)) >= 4, measured
   assert "retrieval-jax train --config configs/" in module
   if variant == "quick":
     for stage in stage_configs(cfg):
