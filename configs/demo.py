@@ -32,8 +32,8 @@ checkpoint kept as best). Two earlier runs of the same recipe, on a machine load
 jobs, show what mattered: with Adam at 1e-5 and validation at 256 px, medium mAP went 0.460 ->
 0.454; with 1e-5 and validation at 128 px, 0.352 -> 0.368 (within the noise).
 
-A seconds-long smoke run of the same pipeline (untrained tiny ResNet, ``tiny`` preset, 64 px;
-``retrieval-jax demo --out runs/smoke`` takes the same overrides):
+A smoke run of the same pipeline, a minute or two on 2 cores (untrained tiny ResNet, ``tiny``
+preset, 64 px; ``retrieval-jax demo --out runs/smoke`` takes the same overrides):
 
     retrieval-jax train --config configs/demo.py --workdir runs/smoke \
         --config.data.preset=tiny --config.model.backbone=tiny_resnet \

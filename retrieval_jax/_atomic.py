@@ -16,7 +16,16 @@ from typing import IO, Any
 
 
 def _umask() -> int:
-  mask = os.umask(0)
+  # Linux reports the umask without changing it; os.umask(0) would open a window in which
+  # another thread (orbax saves in the background) creates world-writable files.
+  try:
+    with open("/proc/self/status") as status:
+      for line in status:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
   os.umask(mask)
   return mask
 

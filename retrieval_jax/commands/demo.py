@@ -1,6 +1,6 @@
 """``retrieval-jax demo``: off-the-shelf vs fine-tuned retrieval on the synthetic benchmark.
 
-    retrieval-jax demo --out runs/demo        # what `make demo` runs (about 10 minutes on 2 cores)
+    retrieval-jax demo --out runs/demo        # what `make demo` runs (about 6 minutes on 2 cores)
     retrieval-jax demo --out runs/smoke --config.data.preset=tiny \\
         --config.model.backbone=tiny_resnet --config.model.pretrained=False \\
         --config.data.image_size=64 --config.eval.max_size=64 --config.mining.num_negatives=2 \\
