@@ -141,6 +141,15 @@ class Retriever:
     Returns:
       float ``[B, D]`` descriptors (the head's output, L2-normalised rows).
     """
+    maps, masks = self.feature_maps(variables, pixels, pixel_mask)
+    if self.config.pooling == "remap":
+      return self.head.apply(variables["head"], [maps[t] for t in self.taps], masks=masks)
+    return self.head.apply(variables["head"], maps[self.taps[0]], mask=masks[0])
+
+  def feature_maps(self, variables: dict[str, Any], pixels: jax.Array, pixel_mask: jax.Array
+                   ) -> tuple[dict[str, jax.Array], list[jax.Array]]:
+    """The backbone half of :meth:`embed`: ``(maps, masks)``, the backbone's tap maps by name
+    and, per tap of :attr:`taps`, bool ``[B, h_t, w_t]`` valid cells."""
     # The padding is zero in the normalised space.
     images = jnp.where(pixel_mask[..., None], preprocess(pixels, self.preprocessing), 0.0)
     # Every backbone re-masks its spatial layers' inputs, so padding does not leak into the
@@ -148,9 +157,7 @@ class Retriever:
     maps = self.backbone.apply(variables["backbone"], images, mask=pixel_mask)
     # Valid cells of a tap at stride s: ceil(h / s) x ceil(w / s), top-left.
     masks = [pixel_mask[:, ::self.tap_strides[t], ::self.tap_strides[t]] for t in self.taps]
-    if self.config.pooling == "remap":
-      return self.head.apply(variables["head"], [maps[t] for t in self.taps], masks=masks)
-    return self.head.apply(variables["head"], maps[self.taps[0]], mask=masks[0])
+    return maps, masks
 
   # ------------------------------------------------------------------------------ building
 

@@ -93,7 +93,6 @@ from retrieval_jax.kl_weighting import save_weights
 from retrieval_jax.mining import RefreshSchedule, active_triplets, mine_negatives
 from retrieval_jax.retriever import Retriever
 from retrieval_jax.training.batches import ImageBatcher, prefetch
-from retrieval_jax.models.common import preprocess
 from retrieval_jax.models.dlrtn_classifier import DLRTNClassifier
 from retrieval_jax.models.remap import remap_init_from_data, remap_region_descriptors
 from retrieval_jax.models.variables_io import load_variables, save_variables
@@ -565,13 +564,9 @@ class _Trainer:
     retriever, head = self.retriever, self.retriever.head
 
     def regions(variables, pixels, mask):
-      # The backbone half of Retriever.embed (same preprocessing, padding and tap masks).
-      images = jnp.where(mask[..., None], preprocess(pixels, retriever.preprocessing), 0.0)
-      maps = retriever.backbone.apply(variables["backbone"], images, mask=mask)
-      return [remap_region_descriptors(
-          maps[t], head.levels, head.include_full_map,
-          mask[:, ::retriever.tap_strides[t], ::retriever.tap_strides[t]])
-              for t in retriever.taps]
+      maps, masks = retriever.feature_maps(variables, pixels, mask)
+      return [remap_region_descriptors(maps[t], head.levels, head.include_full_map, m)
+              for t, m in zip(retriever.taps, masks)]
 
     regions_fn = jax.jit(regions)
     variables = replicate(state.variables, self.mesh)
