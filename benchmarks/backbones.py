@@ -16,6 +16,9 @@ waits at a barrier after every operator, so when the cores are oversubscribed on
 thread stalls the others, and 1 thread can beat all of them by 3-5x (measured on the busy 2-core
 machine, 2026-11-22), while XLA's work-stealing pool degrades gracefully.
 
+On a GPU the torch peer runs there too (``--torch-device auto``: CUDA tensors, cuDNN autotuned,
+every batch synchronised), so the ratio compares XLA with cuDNN eager on the same device.
+
 Run:  python benchmarks/backbones.py [--batch 8] [--sizes 224 512] [--seconds 4] [--json out]
       XLA_FLAGS=... python benchmarks/backbones.py   # to try XLA CPU flags
 """
@@ -50,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--bfloat16", action="store_true", help="also time bfloat16 compute")
   parser.add_argument("--torch-threads", type=int, nargs="+", default=[0],
                       help="torch thread counts to time (0: every core, as XLA uses)")
+  parser.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
+                      help="where torch runs (auto: cuda when jax runs on a GPU and torch sees "
+                           "one, so both frameworks use the same device)")
   parser.add_argument("--json", help="also write the results to this file")
   return parser
 
@@ -108,9 +114,16 @@ def _torch_lite0(torch):
   return nn.Sequential(*layers)
 
 
-def _torch_cases(torch, name: str, x: np.ndarray, threads: list[int]) -> dict:
+def _torch_device(torch, choice: str) -> str:
+  if choice != "auto":
+    return choice
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_cases(torch, name: str, x: np.ndarray, threads: list[int], device: str) -> dict:
   """``{label: () -> None}``: one batch of the torch network + GeM + L2 in each layout, with
-  each thread count (the label says which: ``NCHW``, ``channels_last, 1 thread``, ...)."""
+  each thread count on a CPU (the label says which: ``NCHW``, ``channels_last, 1 thread``, ...);
+  on ``cuda`` one case per layout, cuDNN autotuned, each batch synchronised."""
   import torch.nn.functional as F
 
   if name == "resnet50":
@@ -119,7 +132,7 @@ def _torch_cases(torch, name: str, x: np.ndarray, threads: list[int]) -> dict:
     trunk = torch.nn.Sequential(*list(model.children())[:-2])  # up to layer4: the last conv map
   else:
     trunk = _torch_lite0(torch)
-  trunk = trunk.eval()
+  trunk = trunk.eval().to(device)
   all_cores = os.cpu_count() or 1
 
   def describe(net, images, n_threads):
@@ -127,11 +140,18 @@ def _torch_cases(torch, name: str, x: np.ndarray, threads: list[int]) -> dict:
     with torch.inference_mode():
       maps = net(images)
       gem = maps.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1.0 / 3)
-      return F.normalize(gem, dim=1, eps=1e-6)
+      out = F.normalize(gem, dim=1, eps=1e-6)
+    if device == "cuda":  # kernels run asynchronously: time the finished batch, as jax's block
+      torch.cuda.synchronize()
+    return out
 
-  nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
   trunk_cl = _copy(trunk).to(memory_format=torch.channels_last)
   cl = nchw.contiguous(memory_format=torch.channels_last)
+  if device == "cuda":
+    torch.backends.cudnn.benchmark = True
+    return {"cuda NCHW": lambda: describe(trunk, nchw, all_cores),
+            "cuda channels_last": lambda: describe(trunk_cl, cl, all_cores)}
   cases = {}
   for t in threads:
     n = t or all_cores
@@ -166,7 +186,8 @@ def run(args: argparse.Namespace) -> list[dict]:
       elif name == "resnet50" and torchvision is None:
         missing = harness.missing("torchvision")
       else:
-        modes = _torch_cases(torch, name, x, args.torch_threads)
+        modes = _torch_cases(torch, name, x, args.torch_threads,
+                             _torch_device(torch, args.torch_device))
         cases.update({f"torch {mode}": fn for mode, fn in modes.items()})
       print(f"  {name} {size} px: timing {', '.join(cases)}", flush=True)
       times = harness.round_robin(cases, repeats=args.repeats, seconds=args.seconds)

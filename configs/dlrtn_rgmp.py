@@ -36,6 +36,12 @@ queries, so +-0.02 is noise), at 128 px:
   medium 0.348, 0.364, 0.357; stage 2 (R-GAC, pooling only) 0.361 / 0.365 / 0.248, unchanged
   over its 2 epochs: +0.013 medium, within the noise.
 - lr 5e-5: 0.352 -> 0.353 -> 0.354 medium.
+
+More settings (8 parallel runs on one H100 (jax 0.11.2 CUDA, TF32 convolutions), 2026-11-23),
+stage 1 medium from 0.353 over 8 epochs: lr 1e-4 0.352 ... 0.359 (4 epochs); lr 1e-3 falls to
+0.181 and lr 3e-3 to 0.087, the joint loss staying at 6.5 = m / 2 + 1.5 ln 60: the descriptors
+collapse to one point (triplet term m / 2 = 0.375) before the classifier learns anything, which
+the classification term does not prevent. No gain.
 """
 
 from retrieval_jax.training.config import default_train_config, quick_synthetic

@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -98,11 +99,23 @@ def _build_head(cfg: ml_collections.ConfigDict):
   raise ValueError(f"pooling must be one of {POOLINGS}; got {cfg.pooling!r}.")
 
 
+# XLA options for programs that run once (initialisers): on a CPU, optimising the threefry
+# random-number code takes seconds (6 s for ``tiny_resnet``'s init on 2 cores; 1.3 s without
+# the backend optimisations), and the values differ by at most one float32 ulp.
+_RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def _init_once(module: nn.Module, *args: Any) -> dict[str, Any]:
+  """``module.init(*args)`` compiled as one program, unoptimised on a CPU (see above)."""
+  lowered = jax.jit(module.init).lower(*args)
+  options = _RUN_ONCE_OPTIONS if jax.default_backend() == "cpu" else None
+  return lowered.compile(compiler_options=options)(*args)
+
+
 @functools.lru_cache(maxsize=None)
-def _random_init(backbone: str):
-  """The jitted ``init`` of a backbone, one per name: compiling the random initialisers takes
-  seconds (10 s for ``tiny_resnet`` on a 2-core CPU), so each process pays it once."""
-  return jax.jit(build_backbone(backbone).init)
+def _random_init(backbone: str) -> dict[str, Any]:
+  """Random variables of a backbone (key 0), once per name and process."""
+  return _init_once(build_backbone(backbone), jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
 
 
 class Retriever:
@@ -186,7 +199,7 @@ class Retriever:
       if key not in BACKBONES:
         raise ValueError(f"config backbone {full.backbone!r} is unknown; available: "
                          f"{sorted(BACKBONES)}.")
-      backbone_vars = _random_init(key)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+      backbone_vars = _random_init(key)
     return cls.from_backbone_variables(full, backbone_vars)
 
   @classmethod
@@ -203,7 +216,7 @@ class Retriever:
                           jnp.zeros((1, 128, 128, 3)))
     maps = [jnp.zeros(maps[t].shape) for t in taps]
     head = _build_head(cfg)
-    head_vars = head.init(jax.random.PRNGKey(1), maps if cfg.pooling == "remap" else maps[0])
+    head_vars = _init_once(head, jax.random.PRNGKey(1), maps if cfg.pooling == "remap" else maps[0])
     return cls(cfg, {"backbone": dict(backbone_variables), "head": dict(head_vars)})
 
   @classmethod

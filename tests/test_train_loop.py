@@ -237,6 +237,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, confi
   script = tmp_path / "kill.py"
   script.write_text(KILL_SCRIPT)
   env = dict(os.environ)  # the forced 4 CPU devices (conftest) carry over
+  # The resumed process loads the killed one's compiled programs instead of compiling again.
+  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   killed = subprocess.run([sys.executable, str(script), str(config_file), str(workdir),
                            str(KILL_AT)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
