@@ -11,6 +11,14 @@ of each query's nearest pool images with the chunked top-k of :mod:`retrieval_ja
 for the queries whose shortlist held too few clusters (up to the whole pool, so the result is
 always the one a full table would give).
 
+Semi-hard negatives (FaceNet, Schroff et al. 2015; the survey's mining section): with
+``farther_than`` (each query's distance to its positive), :func:`mine_negatives` skips the pool
+images nearer the query than its positive and takes the nearest of the rest. When the hardest
+negatives are nearer than the positives, as on our synthetic benchmark with an ImageNet start,
+a triplet loss on them is lower for a network that maps every image to one point (``m / 2``)
+than at the start, and larger learning rates collapse it; semi-hard triplets have a loss below
+``m / 2`` and so no such pull.
+
 Online: :func:`active_triplets` keeps only the triplets that still violate the margin (DLRTN
 trains on "triplets with non-zero loss"); in-batch mining for the labelled-batch losses (hardest
 positive and negative per anchor, NRA's ranks) happens inside those losses
@@ -58,7 +66,8 @@ def _distances(queries: np.ndarray, pool: np.ndarray, positions: np.ndarray) -> 
 def mine_negatives(query_descriptors: ArrayLike, pool_descriptors: ArrayLike,
                    query_cluster_ids: ArrayLike, pool_cluster_ids: ArrayLike,
                    num_negatives: int | None, *, shortlist: int | None = None,
-                   chunk_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+                   chunk_size: int = 65536, farther_than: ArrayLike | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """Each query's nearest pool images of distinct clusters other than its own.
 
   Args:
@@ -70,6 +79,11 @@ def mine_negatives(query_descriptors: ArrayLike, pool_descriptors: ArrayLike,
     shortlist: pool images first examined per query; default ``max(64, 8 * num_negatives)``
       (rows that need more are widened, doubling, up to the whole pool).
     chunk_size: pool rows scored per step of the top-k scan.
+    farther_than: float ``[Q]`` or None. Semi-hard mining: only pool images farther than
+      ``farther_than[q]`` from query ``q`` (its positive's distance) are taken, nearest first;
+      when fewer than ``num_negatives`` clusters have one, the remaining slots take the
+      nearest negatives of the other clusters (hard ones), so every row is still full. With
+      ``num_negatives=None`` only the semi-hard list is returned.
 
   Returns:
     ``(positions, distances)``: int64 ``[Q, K]`` pool row indices, nearest first, and float64
@@ -98,6 +112,12 @@ def mine_negatives(query_descriptors: ArrayLike, pool_descriptors: ArrayLike,
   n_pool = len(p)
   width = n_pool if k is None else min(
       n_pool, check_positive_int("shortlist", shortlist) if shortlist else max(64, 8 * k))
+  far = None
+  if farther_than is not None:
+    far = np.asarray(farther_than, np.float64)
+    if far.shape != (len(q),) or np.isnan(far).any():
+      raise ValueError(f"farther_than must be float [Q={len(q)}] without NaN; got shape "
+                       f"{far.shape}.")
   qa, pa = _augment_for_euclidean(q, p)
   pa_device = jnp.asarray(pa)
 
@@ -109,8 +129,13 @@ def mine_negatives(query_descriptors: ArrayLike, pool_descriptors: ArrayLike,
     # Exact distances of the shortlist (the augmented inner products lose digits to ||p||^2).
     # ranked_negatives re-sorts them stably, so ties go to the lower shortlist position, which
     # top-k gave to the lower pool index.
-    pos, val = ranked_negatives(_distances(q[todo], p, near), pool_ids[near], query_ids[todo], k)
-    pos = np.where(pos >= 0, np.take_along_axis(near, np.maximum(pos, 0), axis=1), -1)
+    dist = _distances(q[todo], p, near)
+    if far is not None:  # nearer than the positive: ranked last (inf), then dropped
+      dist = np.where(dist > far[todo, None], dist, np.inf)
+    pos, val = ranked_negatives(dist, pool_ids[near], query_ids[todo], k)
+    pos = np.where((pos >= 0) & np.isfinite(val),
+                   np.take_along_axis(near, np.maximum(pos, 0), axis=1), -1)
+    val = np.where(pos >= 0, val, np.inf)
     # Final when the row has its k negatives or the whole pool was examined; the others retry
     # with a shortlist twice as long.
     done = np.full(len(todo), width >= n_pool)
@@ -128,6 +153,8 @@ def mine_negatives(query_descriptors: ArrayLike, pool_descriptors: ArrayLike,
   for query, (pos, val) in rows.items():
     n = min(len(pos), out_width)
     positions[query, :n], distances[query, :n] = pos[:n], val[:n]
+  if far is not None and k is not None:
+    _fill_with_hard(positions, distances, q, p, query_ids, pool_ids)
   if k is not None:
     short = (positions < 0).any(axis=1)
     if short.any():
@@ -137,6 +164,22 @@ def mine_negatives(query_descriptors: ArrayLike, pool_descriptors: ArrayLike,
           f"{int((positions[row] >= 0).sum())} other clusters in the pool of {n_pool} images but "
           f"num_negatives={k} (one negative per cluster); use a larger pool or fewer negatives.")
   return positions, distances
+
+
+def _fill_with_hard(positions: np.ndarray, distances: np.ndarray, q: np.ndarray, p: np.ndarray,
+                    query_ids: np.ndarray, pool_ids: np.ndarray) -> None:
+  """Semi-hard rows with free slots (``-1``) take, in place, the nearest negatives of clusters
+  the row does not hold yet (whole-pool ranking; rows needing it are few)."""
+  for row in np.flatnonzero((positions < 0).any(axis=1)):
+    every = np.arange(len(p))[None]
+    ranked, dist = ranked_negatives(_distances(q[row:row + 1], p, every), pool_ids,
+                                    query_ids[row:row + 1])
+    held = {int(pool_ids[i]) for i in positions[row] if i >= 0}
+    free = np.flatnonzero(positions[row] < 0)
+    extra = [(i, d) for i, d in zip(ranked[0], dist[0])
+             if i >= 0 and int(pool_ids[i]) not in held][:len(free)]
+    for slot, (i, d) in zip(free, extra):
+      positions[row, slot], distances[row, slot] = i, d
 
 
 def active_triplets(anchors: ArrayLike, positives: ArrayLike, negatives: ArrayLike, *,

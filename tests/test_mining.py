@@ -58,6 +58,46 @@ def test_ranked_list_of_every_cluster(rng):
   assert (np.diff(dist, axis=1) >= 0).all()
 
 
+def brute_force_semi_hard(q, pool, q_ids, pool_ids, k, far):
+  """FaceNet's semi-hard rule by enumeration: per query, the distinct-cluster walk over the pool
+  images farther than ``far[i]`` first, then (to fill k) the same walk over the whole pool,
+  skipping clusters already taken."""
+  out = []
+  for i in range(len(q)):
+    d = np.sqrt(((q[i].astype(np.float64) - pool.astype(np.float64)) ** 2).sum(1))
+    order = sorted(range(len(pool)), key=lambda j: (d[j], j))
+    seen, pos = {q_ids[i]}, []
+    for j in [j for j in order if d[j] > far[i]] + order:
+      if pool_ids[j] not in seen and len(pos) < k:
+        seen.add(pool_ids[j])
+        pos.append(j)
+    out.append(pos)
+  return np.array(out)
+
+
+def test_semi_hard_negatives_are_the_nearest_beyond_the_positive(rng):
+  pool, pool_ids = clustered_pool(rng, n_clusters=12, per_cluster=6, unit=False)
+  q_rows = rng.choice(len(pool), 10, replace=False)
+  q, q_ids = pool[q_rows] + 0.05 * rng.normal(size=(10, 8)).astype(np.float32), pool_ids[q_rows]
+  d_sorted = np.sort(np.sqrt(((q[:, None].astype(np.float64) - pool) ** 2).sum(-1)), axis=1)
+  # Positive distances from "nothing excluded" to "only the farthest few beyond": rows 7-9 have
+  # fewer than 4 clusters beyond it, so hard negatives fill their remaining slots.
+  far = np.concatenate([[0.0], d_sorted[1:7, 20], d_sorted[7:, -3]])
+  pos, dist = mining.mine_negatives(q, pool, q_ids, pool_ids, 4, shortlist=4, farther_than=far)
+  want = brute_force_semi_hard(q, pool, q_ids, pool_ids, 4, far)
+  np.testing.assert_array_equal(pos, want)
+  np.testing.assert_allclose(dist, np.linalg.norm(q[:, None] - pool[pos], axis=-1), rtol=1e-5)
+  assert (dist[1:7] > far[1:7, None]).all()
+  assert (dist[7:, -1] <= far[7:]).all()  # filled with hard ones
+  # Nothing excluded: plain hard mining.
+  np.testing.assert_array_equal(pos[0], mining.mine_negatives(q[:1], pool, q_ids[:1], pool_ids,
+                                                              4)[0][0])
+  ranked, _ = mining.mine_negatives(q, pool, q_ids, pool_ids, None, farther_than=far)
+  assert ((ranked >= 0).sum(1)[7:] < 4).all()  # the ranked list has no fill
+  with pytest.raises(ValueError, match=r"farther_than must be float \[Q=10\]"):
+    mining.mine_negatives(q, pool, q_ids, pool_ids, 4, farther_than=far[:3])
+
+
 def test_too_few_clusters_names_the_query(rng):
   pool, pool_ids = clustered_pool(rng, n_clusters=3, per_cluster=4)
   with pytest.raises(ValueError, match=r"query row 0 .* only 2 other clusters.*num_negatives=3"):

@@ -25,7 +25,7 @@ import pytest
 from retrieval_jax import Retriever
 from retrieval_jax.data.datasets import InstanceSet
 from retrieval_jax.data.images import resize_to
-from retrieval_jax.data.samplers import random_negatives, sample_pairs
+from retrieval_jax.data.samplers import random_negatives, sample_pairs, sample_pool
 from retrieval_jax.kl_weighting import estimate_region_weights
 from retrieval_jax.models import remap_region_descriptors, whitening_params
 from retrieval_jax.models.common import preprocess
@@ -376,3 +376,39 @@ def test_remap_init_from_data_matches_an_independent_estimate(uninterrupted, tmp
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
+
+
+# ------------------------------------------------------------------------------ semi-hard
+
+
+def test_semi_hard_mining_takes_negatives_beyond_each_positive(uninterrupted, config_file,
+                                                               tmp_path):
+  cfg = load_config_file(str(config_file))
+  cfg.loss.update(name="triplet", margin=0.1)
+  cfg.mining.update(negatives="semi_hard", num_negatives=1)
+  cfg.train.init_backbone = str(uninterrupted[0] / "retriever")  # no random init to compile
+  cfg = resolve_config(cfg)
+  validate_config(cfg, num_devices=jax.device_count())
+  trainer = _Trainer(cfg, tmp_path)
+  state = trainer.initial_state
+  try:
+    mined = trainer.mine(state, 0)
+    # REMAP's refresh every K tuples re-mines the rest of the epoch's tuples the same way.
+    order = trainer.order(mined, 0)
+    rows = trainer.remine_rest(state, np.where(np.arange(3) == 2, -1, mined), order, 0, 0)
+    table = trainer._descriptor_table(state, np.arange(len(trainer.ids)))
+  finally:
+    trainer.batcher.close()
+  np.testing.assert_array_equal(rows, mined)
+  ids = trainer.ids
+  pool = sample_pool(len(ids), cfg.mining.pool_size, seed=cfg.train.seed, epoch=0)
+  d_pos = np.linalg.norm(table[rows[:, 0]] - table[rows[:, 1]], axis=1)
+  d_neg = np.linalg.norm(table[rows[:, 0]] - table[rows[:, 2]], axis=1)
+  for r, (q, _, n) in enumerate(rows):
+    others = pool[ids[pool] != ids[q]]
+    d = np.linalg.norm(table[others] - table[q], axis=1)
+    beyond = d > d_pos[r] + 1e-6
+    # The nearest negative beyond the positive, or the nearest of all when none is beyond.
+    want = others[beyond][np.argmin(d[beyond])] if beyond.any() else others[np.argmin(d)]
+    assert n == want, r
+  assert (d_neg > d_pos).mean() > 0.5

@@ -49,7 +49,7 @@ from retrieval_jax.retriever import POOLINGS, default_config
 from retrieval_jax.training.optimizers import default_optimizer_config, make_optimizer
 
 DATA_SOURCES = ("synthetic", "folder", "csv", "tfds")
-NEGATIVES = ("hard", "random")
+NEGATIVES = ("hard", "semi_hard", "random")
 REMAP_INITS = ("data", "none")  # train.remap_init
 
 
@@ -131,7 +131,9 @@ def default_train_config() -> ml_collections.ConfigDict:
           "classification_weight": 1.5,  # dlrtn: lambda (Eq. 5)
       },
       "mining": {
-          "negatives": "hard",  # hard (mined with the current model) | random (no model)
+          # hard: the nearest (mined with the current model) | semi_hard: the nearest farther
+          # than the tuple's positive (FaceNet) | random (no model)
+          "negatives": "hard",
           "num_negatives": 5,  # cirtorch nnum; per tuple, distinct clusters
           "query_size": optional_int(),  # tuples per epoch (cirtorch qsize); None: all queries
           "pool_size": optional_int(),  # candidate negatives per epoch; None: whole train set
@@ -481,9 +483,9 @@ def _validate_one(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     if not isinstance(cfg.mining.active_only, bool):
       _fail("mining.active_only", f"must be True or False; got {cfg.mining.active_only!r}.")
     if cfg.mining.active_only and (name not in ("triplet", "dlrtn") or epochs is None or
-                                   cfg.mining.negatives != "hard"):
+                                   cfg.mining.negatives == "random"):
       _fail("mining.active_only", "needs loss.name='triplet' or 'dlrtn', "
-                                  "mining.negatives='hard' and "
+                                  "mining.negatives='hard' or 'semi_hard' and "
                                   "mining.refresh_every_epochs (DLRTN keeps the mined triplets "
                                   "that violate the triplet margin).")
   # Optimizer: its own validation, with the section's name in front.

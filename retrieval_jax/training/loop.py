@@ -9,8 +9,9 @@ Per epoch ``e``:
    the first epoch), the epoch's (query, positive) pairs and negative pool are drawn from
    ``(seed, e)`` (:mod:`retrieval_jax.data.samplers`), the current model describes them
    (un-augmented, batches split over the devices) and :func:`retrieval_jax.mining.mine_negatives`
-   picks each query's nearest pool images of distinct other clusters; ``mining.negatives =
-   "random"`` draws random negatives instead (no model). Epochs where mining is not due reuse
+   picks each query's nearest pool images of distinct other clusters (``mining.negatives =
+   "semi_hard"``: the nearest farther than the tuple's positive); ``"random"`` draws random
+   negatives instead (no model). Epochs where mining is not due reuse
    the last mined tuples. With ``mining.refresh_every_tuples`` the remaining tuples of the epoch
    are re-mined whenever that many tuples were trained on since the last mining (REMAP).
    Batch losses: :func:`retrieval_jax.data.samplers.m_per_class_batches` of ``(seed, e)``.
@@ -505,8 +506,12 @@ class _Trainer:
 
   def _with_negatives(self, pairs: np.ndarray, pool: np.ndarray, table: np.ndarray
                       ) -> np.ndarray:
+    far = None
+    if self.cfg.mining.negatives == "semi_hard":  # farther than the tuple's positive
+      far = np.linalg.norm(table[pairs[:, 0]].astype(np.float64) - table[pairs[:, 1]], axis=1)
     positions, _ = mine_negatives(table[pairs[:, 0]], table[pool], self.ids[pairs[:, 0]],
-                                  self.ids[pool], self.cfg.mining.num_negatives)
+                                  self.ids[pool], self.cfg.mining.num_negatives,
+                                  farther_than=far)
     return np.concatenate([pairs, pool[positions]], axis=1).astype(np.int64)
 
   def remine_rest(self, state: TrainState, rows: np.ndarray, order: np.ndarray, start: int,
@@ -515,7 +520,10 @@ class _Trainer:
     mined with the current model against the epoch's pool (``refresh_every_tuples``)."""
     rest = order[start:]
     pool = sample_pool(len(self.ids), self.cfg.mining.pool_size, seed=self.seed, epoch=epoch)
-    table = self._descriptor_table(state, np.concatenate([rows[rest, 0], pool]))
+    needed = [rows[rest, 0], pool]
+    if self.cfg.mining.negatives == "semi_hard":  # the positives' distances bound the negatives
+      needed.append(rows[rest, 1])
+    table = self._descriptor_table(state, np.concatenate(needed))
     rows = rows.copy()
     rows[rest] = self._with_negatives(rows[rest, :2], pool, table)
     return rows
