@@ -199,7 +199,8 @@ class Retriever:
       if key not in BACKBONES:
         raise ValueError(f"config backbone {full.backbone!r} is unknown; available: "
                          f"{sorted(BACKBONES)}.")
-      backbone_vars = _random_init(key)
+      # Fresh containers around the cached arrays: callers may edit their own variable dicts.
+      backbone_vars = jax.tree_util.tree_map(lambda leaf: leaf, _random_init(key))
     return cls.from_backbone_variables(full, backbone_vars)
 
   @classmethod
