@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The whole suite (slow tests included), on TEST_WORKERS pytest-xdist processes: much of it is
-# single-threaded XLA compilation, so two workers use both cores of a 2-core machine (8.8 vs
-# 11.6 minutes there). Each test file stays in one worker (its module fixtures are built once).
+# single-threaded XLA compilation, so two workers use both cores of a 2-core machine (about 6
+# vs 11.6 minutes there). Each test file stays in one worker (its module fixtures are built once).
 # Exit code 5 (no test collected) is a failure here.
 TEST_WORKERS ?= 2
 test: $(STAMP)

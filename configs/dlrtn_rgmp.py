@@ -32,9 +32,9 @@ Our measurement: the paper recipe has not been run. ``quick`` (seed 0, 2-core CP
 other jobs), validation revisited mAP easy / medium / hard on the ``small`` val split (20
 queries, so +-0.02 is noise), at 128 px:
 
-- lr 3e-4 (this config): stage 1 (DLRTN, R-MAC) 0.379 / 0.352 / 0.227 -> after epochs 1-3
-  medium 0.348, 0.364, 0.357; stage 2 (R-GAC, pooling only) 0.361 / 0.365 / 0.248, unchanged
-  over its 2 epochs: +0.013 medium, within the noise.
+- hardest negatives, 120 pairs per epoch, lr 3e-4: stage 1 (DLRTN, R-MAC) 0.379 / 0.352 / 0.227
+  -> after epochs 1-3 medium 0.348, 0.364, 0.357; stage 2 (R-GAC, pooling only) 0.361 / 0.365 /
+  0.248, unchanged over its 2 epochs: +0.013 medium, within the noise.
 - lr 5e-5: 0.352 -> 0.353 -> 0.354 medium.
 
 More settings (8 parallel runs on one H100 (jax 0.11.2 CUDA, TF32 convolutions), 2026-11-23),

@@ -38,8 +38,8 @@ noise), at 128 px, KLW and FC initialised from 240 pairs (285 images, 9 s): star
 data initialisation) 0.433 / 0.405 / 0.257 -> after epochs 1-3 medium 0.405, 0.423, 0.382;
 final 0.443 / 0.382 / 0.236: no gain beyond the noise (lr 1e-3).
 
-LR sweep, 8 epochs, medium (8 parallel runs on one H100 (jax 0.11.2 CUDA, TF32 convolutions),
-2026-11-23): from 0.404,
+Hardest negatives, LR sweep, 8 epochs, medium (8 parallel runs on one H100 (jax 0.11.2 CUDA,
+TF32 convolutions), 2026-11-23): from 0.404,
 
 - lr 3e-4: 0.395, 0.405, 0.408, 0.416, 0.423, 0.414, 0.410, 0.415: +0.011,
   within the noise;

@@ -23,14 +23,14 @@ Oxford105k 78.6, Paris6k 87.1, Paris106k 79.7 (DLRTN Table II).
 
 Our measurement: the paper recipe has not been run. ``quick`` (seed 0, 2-core CPU shared with
 other jobs), validation revisited mAP easy / medium / hard on the ``small`` val split (20
-queries, so +-0.02 is noise), at 128 px:
+queries, so +-0.02 is noise), at 128 px, first with the paper's hardest negatives:
 
 - lr 3e-4: 0.379 / 0.352 / 0.227 -> after epochs 1-3 medium 0.355, 0.340, 0.338; final
   0.351 / 0.338 / 0.220: no gain.
 - lr 1e-3 (the paper's): medium 0.375, 0.345, 0.279: a gain after one epoch, then worse.
 
-LR sweep, 8 epochs, medium (8 parallel runs on one H100 (jax 0.11.2 CUDA, TF32 convolutions),
-2026-11-23): from 0.353,
+Hardest negatives, LR sweep, 8 epochs, medium (8 parallel runs on one H100 (jax 0.11.2 CUDA,
+TF32 convolutions), 2026-11-23): from 0.353,
 
 - lr 3e-5: 0.353, 0.359, 0.361, 0.370, 0.370, 0.375, 0.382, 0.382: +0.029,
   rising steadily but only just above the noise;

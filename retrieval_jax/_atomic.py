@@ -8,11 +8,14 @@ umask), so a report or index written here is as readable as any other output.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import tempfile
 from collections.abc import Callable
 from typing import IO, Any
+
+import numpy as np
 
 
 def _umask() -> int:
@@ -53,3 +56,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[Any]], None],
       raise
   give_default_mode(f.name)
   os.replace(f.name, path)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+  """Writes ``value`` as indented JSON, atomically."""
+  write_atomic(path, lambda f: json.dump(value, f, indent=2), "w")
+
+
+def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+  """Writes ``array`` as ``.npy`` (no pickled objects), atomically."""
+  write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))

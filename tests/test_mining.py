@@ -6,14 +6,16 @@ import pytest
 from retrieval_jax import mining
 
 
-def brute_force_negatives(q, pool, q_ids, pool_ids, k):
+def brute_force_negatives(q, pool, q_ids, pool_ids, k, far=None):
   """Per query: walk the whole pool by increasing Euclidean distance (ties: lower index) and
-  keep an image when its cluster is new and not the query's."""
+  keep an image when its cluster is new and not the query's. With ``far`` (FaceNet's
+  semi-hard rule), first walk only the images farther than ``far[i]``, then the whole pool."""
   out_pos, out_dist = [], []
   for i in range(len(q)):
     d = np.sqrt(((q[i].astype(np.float64) - pool.astype(np.float64)) ** 2).sum(1))
     seen, pos, dist = {q_ids[i]}, [], []
-    for j in sorted(range(len(pool)), key=lambda j: (d[j], j)):
+    order = sorted(range(len(pool)), key=lambda j: (d[j], j))
+    for j in order if far is None else [j for j in order if d[j] > far[i]] + order:
       if pool_ids[j] not in seen:
         seen.add(pool_ids[j])
         pos.append(j)
@@ -58,23 +60,6 @@ def test_ranked_list_of_every_cluster(rng):
   assert (np.diff(dist, axis=1) >= 0).all()
 
 
-def brute_force_semi_hard(q, pool, q_ids, pool_ids, k, far):
-  """FaceNet's semi-hard rule by enumeration: per query, the distinct-cluster walk over the pool
-  images farther than ``far[i]`` first, then (to fill k) the same walk over the whole pool,
-  skipping clusters already taken."""
-  out = []
-  for i in range(len(q)):
-    d = np.sqrt(((q[i].astype(np.float64) - pool.astype(np.float64)) ** 2).sum(1))
-    order = sorted(range(len(pool)), key=lambda j: (d[j], j))
-    seen, pos = {q_ids[i]}, []
-    for j in [j for j in order if d[j] > far[i]] + order:
-      if pool_ids[j] not in seen and len(pos) < k:
-        seen.add(pool_ids[j])
-        pos.append(j)
-    out.append(pos)
-  return np.array(out)
-
-
 def test_semi_hard_negatives_are_the_nearest_beyond_the_positive(rng):
   pool, pool_ids = clustered_pool(rng, n_clusters=12, per_cluster=6, unit=False)
   q_rows = rng.choice(len(pool), 10, replace=False)
@@ -84,8 +69,8 @@ def test_semi_hard_negatives_are_the_nearest_beyond_the_positive(rng):
   # fewer than 4 clusters beyond it, so hard negatives fill their remaining slots.
   far = np.concatenate([[0.0], d_sorted[1:7, 20], d_sorted[7:, -3]])
   pos, dist = mining.mine_negatives(q, pool, q_ids, pool_ids, 4, shortlist=4, farther_than=far)
-  want = brute_force_semi_hard(q, pool, q_ids, pool_ids, 4, far)
-  np.testing.assert_array_equal(pos, want)
+  want, _ = brute_force_negatives(q, pool, q_ids, pool_ids, 4, far)
+  np.testing.assert_array_equal(pos, np.array(want))
   np.testing.assert_allclose(dist, np.linalg.norm(q[:, None] - pool[pos], axis=-1), rtol=1e-5)
   assert (dist[1:7] > far[1:7, None]).all()
   assert (dist[7:, -1] <= far[7:]).all()  # filled with hard ones

@@ -36,7 +36,6 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from retrieval_jax._atomic import write_atomic
 from retrieval_jax.config_files import split_overrides
 
 PROG = "retrieval-jax"
@@ -442,20 +441,3 @@ def image_label(dataset_images: Sequence[Any], index: int, role: str) -> str:
     return os.fspath(item)
   return f"{role}[{index}]"
 
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def write_json(path: str | os.PathLike, value: Any) -> None:
-  """Writes ``value`` as indented JSON, atomically (temporary file, then ``os.replace``)."""
-  write_atomic(path, lambda f: json.dump(value, f, indent=2), "w")
-
-
-def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-  """Writes ``array`` as ``.npy``, atomically."""
-  write_atomic(path, lambda f: np.save(f, array, allow_pickle=False), "wb")
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes ``data``, atomically."""
-  write_atomic(path, lambda f: f.write(data), "wb")

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from retrieval_jax._atomic import write_json, write_npy
 from retrieval_jax.commands import _common
 
 NAME = "extract"
@@ -65,9 +66,9 @@ def _run(args: argparse.Namespace) -> int:
   if not kept:
     raise _common.CommandError(f"none of the {len(paths)} images could be read.")
   descriptors = np.asarray(descriptors, args.dtype)
-  _common.write_npy(out / "descriptors.npy", descriptors)
-  _common.write_json(out / "paths.json", kept)
-  _common.write_json(out / "extract.json", {
+  write_npy(out / "descriptors.npy", descriptors)
+  write_json(out / "paths.json", kept)
+  write_json(out / "extract.json", {
       "count": len(kept), "dim": int(descriptors.shape[1]), "dtype": args.dtype,
       "model_id": _common.model_id(retriever, settings), **settings,
       "retriever": args.retriever or f"pretrained:{args.pretrained}/{args.pooling}",

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval_jax._atomic import write_json
 from retrieval_jax.commands import _common
 
 NAME = "search"
@@ -238,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
   report = (_index_mode if args.index is not None else _dataset_mode)(args, retriever)
   _print(report)
   if args.json:
-    _common.write_json(args.json, {k: v for k, v in report.items() if not k.startswith("_")})
+    write_json(args.json, {k: v for k, v in report.items() if not k.startswith("_")})
     print(f"results -> {args.json}")
   if args.grid:
     _grid(report, args)

@@ -45,7 +45,6 @@ codes (``[N, pq_subvectors]`` uint8) are held in RAM.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import pathlib
@@ -61,7 +60,7 @@ import ml_collections
 import numpy as np
 
 from retrieval_jax import distances, rerank, whitening
-from retrieval_jax._atomic import write_atomic
+from retrieval_jax._atomic import write_json, write_npy
 from retrieval_jax._validation import check_finite
 from retrieval_jax.data.datasets import InstanceSet, RetrievalSet
 from retrieval_jax.data.samplers import sample_pairs
@@ -650,7 +649,7 @@ def _finish_report(dataset: RetrievalSet, cfg: ml_collections.ConfigDict, retrie
     out = pathlib.Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.save_ranks:
-      _atomic_npy(out / "ranks.npy", ranks)
+      write_npy(out / "ranks.npy", ranks)
       report["files"]["ranks"] = str(out / "ranks.npy")
     report["files"]["report"] = str(out / "report.json")
     write_report(report, out / "report.json")
@@ -865,11 +864,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
   """Writes ``report`` as indented JSON, atomically (temporary file, then ``os.replace``)."""
-  write_atomic(path, lambda f: json.dump(_jsonable(report), f, indent=2), "w")
-
-
-def _atomic_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  write_atomic(path, lambda f: np.save(f, array))
+  write_json(path, _jsonable(report))
 
 
 def _pct(value: float | None) -> str:

@@ -449,16 +449,22 @@ class _Trainer:
                          num_pairs=self.cfg.mining.query_size, seed=self.seed, epoch=0)
     return -(-len(pairs) // self.batch_size)
 
-  def describe(self, state: TrainState, indices: np.ndarray) -> np.ndarray:
-    """float32 ``[len(indices), D]`` descriptors of training images (un-augmented) with the
-    state's model, batches split over the devices."""
+  def _over_images(self, fn: Callable[..., Any], state: TrainState, indices: np.ndarray) -> Any:
+    """``fn(variables, pixels, mask)`` (jitted) over training images (un-augmented, in the
+    order of ``indices``) with the state's variables, batches split over the devices; each
+    output leaf as float32 numpy, the batches' rows concatenated."""
     variables = replicate(state.variables, self.mesh)
     per_batch = self.devices * -(-self.cfg.mining.describe_batch_size // self.devices)
-    rows = []
+    parts = []
     for pixels, mask, n in self.batcher.plain_batches(np.asarray(indices), per_batch):
       x = shard_batch({"pixels": pixels, "mask": mask}, self.mesh)
-      rows.append(np.asarray(self.describe_fn(variables, x["pixels"], x["mask"]))[:n])
-    return np.concatenate(rows).astype(np.float32)
+      parts.append(jax.tree_util.tree_map(lambda a, n=n: np.asarray(a, np.float32)[:n],
+                                          fn(variables, x["pixels"], x["mask"])))
+    return jax.tree_util.tree_map(lambda *rows: np.concatenate(rows), *parts)
+
+  def describe(self, state: TrainState, indices: np.ndarray) -> np.ndarray:
+    """float32 ``[len(indices), D]`` descriptors of training images with the state's model."""
+    return self._over_images(self.describe_fn, state, indices)
 
   def _descriptor_table(self, state: TrainState, needed: np.ndarray) -> np.ndarray:
     """``[N, D]`` descriptors with rows for ``needed`` and NaN elsewhere (never chosen)."""
@@ -576,15 +582,7 @@ class _Trainer:
       return [remap_region_descriptors(maps[t], head.levels, head.include_full_map, m)
               for t, m in zip(retriever.taps, masks)]
 
-    regions_fn = jax.jit(regions)
-    variables = replicate(state.variables, self.mesh)
-    per_batch = self.devices * -(-self.cfg.mining.describe_batch_size // self.devices)
-    out: list[list[np.ndarray]] = [[] for _ in retriever.taps]
-    for pixels, mask, n in self.batcher.plain_batches(np.asarray(indices), per_batch):
-      x = shard_batch({"pixels": pixels, "mask": mask}, self.mesh)
-      for rows, r in zip(out, regions_fn(variables, x["pixels"], x["mask"])):
-        rows.append(np.asarray(r, np.float32)[:n])
-    return [np.concatenate(rows) for rows in out]
+    return self._over_images(jax.jit(regions), state, indices)
 
   def init_remap_from_data(self) -> dict[str, Any]:
     """Replaces :attr:`initial_state` by one whose REMAP head has KLW and FC estimated from
