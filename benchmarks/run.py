@@ -58,6 +58,8 @@ BENCHMARKS = (
               "1 device; the epoch's training steps"),
     Benchmark("search", "search QPS and recall: jax exact, ScaNN, faiss-cpu",
               "jax exact search on the same queries"),
+    Benchmark("cpu_kernels", "each convolution of ResNet-50 / Lite0; one exact-search chunk",
+              "torch conv2d channels_last (oneDNN); numpy matmul, faiss IndexFlatIP"),
     Benchmark("scale", "peak RSS of evaluation with +250k (default) / +1M (--full) distractors",
               "the 4 GB RSS budget; mAP without distractors"),
     Benchmark("data", "image loader img/s (JPEG decode, resize, bucket)",
@@ -67,6 +69,7 @@ BENCHMARKS = (
     Benchmark("orl_map", "mAP on the ORL faces, ImageNet Lite0 GeM", "random weights"),
 )
 NAMES = tuple(b.name for b in BENCHMARKS)
+TORCH_USERS = ("backbones", "cpu_kernels")  # import torch(vision) before TensorFlow
 
 
 @dataclass
@@ -120,7 +123,7 @@ def run_benchmarks(selected: list[Selected], results_dir: str = RESULTS_DIR, mod
                    command: list[str] | None = None) -> list[dict[str, Any]]:
   """Runs ``selected`` in order; returns their reports (also written to ``results_dir``)."""
   command = list(sys.argv) if command is None else command
-  if any(s.name == "backbones" for s in selected):
+  if any(s.name in TORCH_USERS for s in selected):
     _torch_first()
   return [run_one(sel, results_dir, mode, command) for sel in selected]
 
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   mode = "full" if args.full else "quick"
   names = args.only or NAMES
-  if "backbones" in names:
+  if set(TORCH_USERS) & set(names):
     _torch_first()
   selected = []
   for name in names:

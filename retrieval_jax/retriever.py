@@ -78,7 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
       "preprocessing": None,  # None: the backbone family's usual one
       "max_size": 1024,
       "scales": (1.0,),
-      "multiscale": "gem",  # how scales combine: gem (with p) | sum
+      # how scales combine: gem (the head's p for global GeM without whitening, else the mean,
+      # as cirtorch) | sum
+      "multiscale": "gem",
       # pixels: bucket sides are multiples of this; None: max_size / 4 rounded up to the stride
       "bucket_step": None,
       "batch_size": 8,
@@ -308,7 +310,8 @@ class Retriever:
       max_size: long side after resizing (never enlarged); default from the config.
       scales: relative factors or absolute long sides (see
         :func:`retrieval_jax.multiscale.scale_sizes`); several are combined as the config's
-        ``multiscale`` says (GeM with the head's p by default, as cirtorch).
+        ``multiscale`` says (by default as cirtorch: GeM with the head's learned p for a global
+        GeM head without whitening, the mean of the scales for every other head).
       batch_size: images per program run; default from the config.
       boxes: optional ``[N, 4]`` ``(x0, y0, x1, y1)`` crops of the stored images (revisitop
         query boxes; NaN rows: whole image), cropped before resizing as cirtorch does
@@ -354,7 +357,21 @@ class Retriever:
                  for r in rows]
     if len(per_scale) == 1:
       return per_scale[0]
-    p = None
-    if cfg.multiscale == "gem":
-      p = float(np.asarray(self.variables["head"]["params"].get("p", cfg.p)).mean())
-    return np.asarray(multiscale.combine_scales(np.stack(per_scale), cfg.multiscale, p=p))
+    method, p = self._scale_combination()
+    return np.asarray(multiscale.combine_scales(np.stack(per_scale), method, p=p))
+
+  def _scale_combination(self) -> tuple[str, float | None]:
+    """``(method, p)`` for :func:`multiscale.combine_scales` under the config's ``multiscale``.
+
+    ``"gem"`` follows cirtorch's rule: the generalised mean with the head's learned ``p`` only
+    for a global GeM head without whitening; every other head (MAC, SPoC, regional, DARAC,
+    REMAP, or any whitened output, whose entries can be negative) takes ``p = 1``, the mean of
+    the scales' descriptors, which after L2 normalisation is ``"sum"``.
+    """
+    cfg = self.config
+    if cfg.multiscale != "gem":
+      return cfg.multiscale, None
+    head_params = self.variables["head"].get("params", {})
+    if cfg.pooling == "gem" and not cfg.whiten_dims and "p" in head_params:
+      return "gem", float(np.asarray(head_params["p"]).mean())
+    return "sum", None

@@ -12,6 +12,8 @@ import pathlib
 import sys
 import types
 
+import numpy as np
+
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
@@ -98,3 +100,28 @@ def test_every_benchmark_has_the_module_interface(run_module):
   # The Makefile's bench target runs the suite.
   makefile = (BENCHMARKS.parent / "Makefile").read_text()
   assert "$(PY) benchmarks/run.py" in makefile
+
+
+def test_cpu_kernels_records_every_convolution_and_matches_torch(run_module):
+  """The per-layer benchmark sees each convolution of the network once per use (counted here
+  from the architectures: ResNet-50 has a stem, 16 bottlenecks of 3 and 4 projection
+  shortcuts; Lite0 a stem, 16 blocks of 3 less the first block's expansion, and a head), and
+  its torch peer computes the same convolution (asymmetric TF padding and depthwise included)."""
+  cpu_kernels = importlib.import_module("cpu_kernels")
+  resnet = cpu_kernels.record_convolutions("resnet50", 64, 1)
+  lite = cpu_kernels.record_convolutions("efficientnet_lite0", 64, 1)
+  assert sum(count for *_, count in resnet) == 1 + 16 * 3 + 4
+  assert sum(count for *_, count in lite) == 1 + 16 * 3 - 1 + 1
+  assert len(resnet) < 53 and len(lite) < 49  # repeated layers are timed once
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  checked = set()
+  for layer, shape, _ in resnet + lite:
+    k, stride, pads, groups = cpu_kernels._conv_geometry(layer, shape)
+    kind = (k, stride, pads[0] != pads[0][::-1], groups > 1)
+    if kind in checked:
+      continue
+    checked.add(kind)
+    *_, diff = cpu_kernels._conv_cases(torch, layer, shape, rng)
+    assert diff < 1e-5, (layer, shape, diff)
+  assert (3, 2, True, True) in checked  # a depthwise stride-2 layer with TF's uneven padding

@@ -167,3 +167,28 @@ def test_default_bucket_step_is_a_quarter_of_max_size():
   retriever.extract([image])
   # A 256-px step would have padded it to 256x256, four times the pixels.
   assert retriever.compiled_shapes == {(2, 96, 128, 3)}
+
+
+@pytest.mark.parametrize("pooling,whiten_dims,uses_p", [
+    ("gem", None, True), ("mac", None, False), ("rmac", None, False), ("darac", None, False),
+    ("gem", 16, False)])
+def test_multiscale_combination_follows_cirtorch(pooling, whiten_dims, uses_p):
+  """Several scales combine as cirtorch does: the generalised mean with the head's learned p
+  for a global GeM head without whitening, the mean (p = 1) for every other head, including
+  heads without parameters and whitened (signed) outputs; then L2."""
+  retriever = Retriever.from_config({"backbone": "tiny_resnet", "pretrained": False,
+                                     "pooling": pooling, "whiten_dims": whiten_dims,
+                                     "max_size": 128, "batch_size": 2})
+  images = [resize_to(skimage_data.coffee(), (96, 128)), resize_to(skimage_data.chelsea(),
+                                                                    (128, 96))]
+  p = 1.0
+  if uses_p:
+    p = 2.5  # as if learned: not the config's initial 3
+    retriever.variables["head"]["params"]["p"] = np.float32(p)
+  per_scale = np.stack([retriever.extract(images, scales=(s,)) for s in (1.0, 0.5)])
+  if whiten_dims:
+    assert (per_scale < 0).any()  # signed: a GeM over scales would be undefined
+  want = np.mean(per_scale.astype(np.float64) ** p, axis=0) ** (1.0 / p)
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  got = retriever.extract(images, scales=(1.0, 0.5))
+  np.testing.assert_allclose(got, want, atol=1e-5)
