@@ -157,7 +157,7 @@ class MBConvBlock(nn.Module):
     if mask is not None:
       y = y * mask[..., None].astype(y.dtype)
     # TF "SAME" padding (the odd element after: bottom/right), which the TF-trained weights
-    # expect; Flax/lax "SAME" for the stem conv is the same rule.
+    # expect; the stem's "SAME" (layers.Conv) is the same rule.
     y = _relu6(norm("depthwise_bn")(DepthwiseConv(self.kernel, self.stride, use_bias, self.dtype,
                                                   name="depthwise")(y)))
     y = norm("project_bn")(conv(self.out_channels, 1, 1, "project")(y))
@@ -242,8 +242,7 @@ class EfficientNetLite(nn.Module):
     if last < 0:
       return finish()
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(STEM_CHANNELS, (3, 3), (2, 2), padding="SAME", use_bias=use_bias,
-                dtype=self.dtype, param_dtype=jnp.float32, name="stem")(x)
+    x = Conv(STEM_CHANNELS, 3, 2, "SAME", use_bias=use_bias, dtype=self.dtype, name="stem")(x)
     x = _relu6(norm("stem_bn")(x))
     if mask is not None:
       mask = jnp.asarray(mask, bool)[:, ::2, ::2]  # valid cells at stride 2: ceil(h / 2)
