@@ -9,7 +9,7 @@ closest non-matching) triplets, hard negatives re-mined every 3000 triplets, one
 pass and an update every 64 triplets; SGD momentum 0.9, lr 1e-3, weight decay 5e-5; images at
 1024 x 768; about 3 days of training on the 15k matching pairs of their Landmarks-retrieval
 set (not available as a builder: we train on Google Landmarks v2 clean). Test: multi-scale
-``X = 2 X1 + 1.4 X2`` (1024 and 1280 px; our retriever sums the scales with equal weights).
+``X = 2 X1 + 1.4 X2`` (1024 and 1280 px; ``model.multiscale = "weighted"``).
 The paper's ResNeXt-101 variant is not stated; torchvision's 32x8d is the one with converted
 ImageNet weights at hand. The epoch count is not stated (5 here). Before the first step, the
 train loop initialises KLW (KL divergences) and the FC layer (PCA + whitening) from region
@@ -54,6 +54,7 @@ epochs 1-4 medium 0.393, 0.397, 0.425, 0.432; final 0.526 / 0.432 / 0.266: +0.02
 0.362 / 0.245 / 0.120.
 """
 
+from retrieval_jax.multiscale import REMAP_WEIGHTS
 from retrieval_jax.training.config import default_train_config, quick_synthetic, select_variant
 
 
@@ -64,7 +65,8 @@ def get_config(variant: str = ""):
   cfg.model.pooling = "remap"
   cfg.model.remap_levels = 4  # 40 regions on a 24x32 map
   cfg.model.scales = cfg.eval.scales = (1024, 1280)
-  cfg.model.multiscale = "sum"
+  cfg.model.multiscale = "weighted"
+  cfg.model.multiscale_weights = REMAP_WEIGHTS  # Eq. 3
   cfg.train.init_backbone = "weights/resnext101_imagenet"
   cfg.train.remap_init = "data"  # KLW and FC from data (REMAP §III-B, §III-C)
   cfg.train.remap_init_pairs = 2048

@@ -79,12 +79,36 @@ def default_config() -> ml_collections.ConfigDict:
       "max_size": 1024,
       "scales": (1.0,),
       # how scales combine: gem (the head's p for global GeM without whitening, else the mean,
-      # as cirtorch) | sum
+      # as cirtorch) | sum | weighted (by multiscale_weights)
       "multiscale": "gem",
+      "multiscale_weights": None,  # one per scale for "weighted" (REMAP Eq. 3: (2.0, 1.4))
       # pixels: bucket sides are multiples of this; None: max_size / 4 rounded up to the stride
       "bucket_step": None,
       "batch_size": 8,
   })
+
+
+MULTISCALE = ("gem", "sum", "weighted")
+
+
+def check_multiscale(cfg: ml_collections.ConfigDict) -> None:
+  """Raises unless ``multiscale`` is known and ``multiscale_weights`` fits it: positive
+  numbers, one per scale of ``scales`` when there are several, given only for ``"weighted"``."""
+  if cfg.multiscale not in MULTISCALE:
+    raise ValueError(f"multiscale must be one of {MULTISCALE}; got {cfg.multiscale!r}.")
+  weights = cfg.multiscale_weights
+  if cfg.multiscale != "weighted":
+    if weights is not None:
+      raise ValueError(f"multiscale_weights are only used with multiscale='weighted'; got "
+                       f"{weights!r} with {cfg.multiscale!r}.")
+    return
+  if weights is None or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                and w > 0 for w in weights):
+    raise ValueError(f"multiscale='weighted' needs multiscale_weights, positive numbers one per "
+                     f"scale; got {weights!r}.")
+  if len(cfg.scales) > 1 and len(weights) != len(cfg.scales):
+    raise ValueError(f"multiscale_weights has {len(weights)} weights for {len(cfg.scales)} "
+                     f"scales {tuple(cfg.scales)}; give one per scale.")
 
 
 def _build_head(cfg: ml_collections.ConfigDict):
@@ -193,6 +217,7 @@ class Retriever:
     full.scales = tuple(full.scales)
     if full.pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}; got {full.pooling!r}.")
+    check_multiscale(full)
     key = full.backbone.replace("-", "_")
     pretrained_name = key.replace("_", "-")
     if full.pretrained and pretrained_name in PRETRAINED:
@@ -357,21 +382,25 @@ class Retriever:
                  for r in rows]
     if len(per_scale) == 1:
       return per_scale[0]
-    method, p = self._scale_combination()
-    return np.asarray(multiscale.combine_scales(np.stack(per_scale), method, p=p))
+    method, options = self._scale_combination()
+    return np.asarray(multiscale.combine_scales(np.stack(per_scale), method, **options))
 
-  def _scale_combination(self) -> tuple[str, float | None]:
-    """``(method, p)`` for :func:`multiscale.combine_scales` under the config's ``multiscale``.
+  def _scale_combination(self) -> tuple[str, dict[str, Any]]:
+    """``(method, options)`` for :func:`multiscale.combine_scales` under the config's
+    ``multiscale``.
 
     ``"gem"`` follows cirtorch's rule: the generalised mean with the head's learned ``p`` only
     for a global GeM head without whitening; every other head (MAC, SPoC, regional, DARAC,
     REMAP, or any whitened output, whose entries can be negative) takes ``p = 1``, the mean of
-    the scales' descriptors, which after L2 normalisation is ``"sum"``.
+    the scales' descriptors, which after L2 normalisation is ``"sum"``. ``"weighted"`` uses
+    ``multiscale_weights``, one per scale.
     """
     cfg = self.config
+    if cfg.multiscale == "weighted":
+      return "weighted", {"weights": tuple(cfg.multiscale_weights)}
     if cfg.multiscale != "gem":
-      return cfg.multiscale, None
+      return cfg.multiscale, {}
     head_params = self.variables["head"].get("params", {})
     if cfg.pooling == "gem" and not cfg.whiten_dims and "p" in head_params:
-      return "gem", float(np.asarray(head_params["p"]).mean())
-    return "sum", None
+      return "gem", {"p": float(np.asarray(head_params["p"]).mean())}
+    return "sum", {}

@@ -192,3 +192,25 @@ def test_multiscale_combination_follows_cirtorch(pooling, whiten_dims, uses_p):
   want /= np.linalg.norm(want, axis=1, keepdims=True)
   got = retriever.extract(images, scales=(1.0, 0.5))
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_weighted_multiscale_is_remap_eq_3_and_bad_settings_are_refused():
+  retriever = Retriever.from_config({"backbone": "tiny_resnet", "pretrained": False,
+                                     "pooling": "rmac", "max_size": 128, "batch_size": 2,
+                                     "scales": (1.0, 0.5), "multiscale": "weighted",
+                                     "multiscale_weights": (2.0, 1.4)})
+  images = [resize_to(skimage_data.coffee(), (96, 128))]
+  x1, x2 = (retriever.extract(images, scales=(s,)).astype(np.float64) for s in (1.0, 0.5))
+  want = 2.0 * x1 + 1.4 * x2  # X = 2 X1 + 1.4 X2, then L2
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  np.testing.assert_allclose(retriever.extract(images), want, atol=1e-5)
+  base = {"backbone": "tiny_resnet", "pretrained": False, "scales": (1.0, 0.5)}
+  for bad, message in [({"multiscale": "max"}, "multiscale must be one of"),
+                       ({"multiscale_weights": (1.0, 1.0)}, "only used with multiscale='weighted'"),
+                       ({"multiscale": "weighted"}, "needs multiscale_weights"),
+                       ({"multiscale": "weighted", "multiscale_weights": (1.0, -1.0)},
+                        "needs multiscale_weights, positive"),
+                       ({"multiscale": "weighted", "multiscale_weights": (1.0, 1.0, 1.0)},
+                        "3 weights for 2 scales")]:
+    with pytest.raises(ValueError, match=message):
+      Retriever.from_config({**base, **bad})

@@ -45,7 +45,7 @@ from retrieval_jax.data.datasets import InstanceSet
 from retrieval_jax.data.samplers import POSITIVE_STRATEGIES
 from retrieval_jax.evaluation.runner import default_eval_config
 from retrieval_jax.models import BACKBONES
-from retrieval_jax.retriever import POOLINGS, default_config
+from retrieval_jax.retriever import POOLINGS, check_multiscale, default_config
 from retrieval_jax.training.optimizers import default_optimizer_config, make_optimizer
 
 DATA_SOURCES = ("synthetic", "folder", "csv", "tfds")
@@ -398,6 +398,11 @@ def _validate_one(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   if backbone not in BACKBONES:
     _fail("model.backbone", f"{cfg.model.backbone!r} is unknown; known: {sorted(BACKBONES)}.")
   _choice(cfg, "model.pooling", POOLINGS)
+  for scales in (cfg.model.scales, cfg.eval.scales):  # eval.scales are combined the same way
+    try:
+      check_multiscale(ml_collections.ConfigDict({**cfg.model.to_dict(), "scales": scales}))
+    except ValueError as e:
+      raise ValueError(f"model.{e}") from None
   # Data.
   source = _choice(cfg, "data.source", DATA_SOURCES)
   if source == "synthetic":
