@@ -6,12 +6,12 @@ Two benchmarks rank us below a peer on a CPU (``backbones``: 0.7-0.9x torch chan
 shortfall is traced to a kernel, and re-checked when jaxlib changes (``XLA_FLAGS=...`` applies):
 
 - ``conv``: every distinct convolution of a backbone, recorded from one forward pass at the
-  given size. Ours is the layer itself (``layers.Conv`` / ``DepthwiseConv`` / ``nn.Conv``)
-  under ``jax.jit``, so ``1 x 1`` kernels run as matrix products and depthwise ones as shifted
-  sums, as in the network; the peer is ``torch.nn.functional.conv2d`` on channels_last tensors
-  (oneDNN), same input, weights and padding, every core for both (outputs are compared, the
-  largest difference is in ``detail``). The total weights each layer by how often the network
-  runs it: the convolutions' share of the whole-network ratio.
+  given size. Ours is the layer itself (``layers.Conv`` / ``layers.DepthwiseConv``) under
+  ``jax.jit``, so ``1 x 1`` kernels and Lite0's RGB stem run as matrix products and depthwise
+  ones as shifted sums, as in the network; the peer is ``torch.nn.functional.conv2d`` on
+  channels_last tensors (oneDNN), same input, weights and padding, every core for both (outputs
+  are compared, the largest difference is in ``detail``). The total weights each layer by how
+  often the network runs it: the convolutions' share of the whole-network ratio.
 - ``search``: one chunk of exact search, ``Q`` queries against ``N`` rows of dimension ``D``,
   top-``k``: our jitted score product (``search.exact.inner_product_scores``) against numpy's
   (OpenBLAS); our whole chunk (``scan_top_k``: product + exact top-``k``) against faiss
@@ -64,21 +64,10 @@ def _conv_geometry(module: nn.Module, in_shape: tuple[int, ...]):
   """``(k, stride, ((top, bottom), (left, right)), groups)`` of a recorded convolution."""
   if isinstance(module, layers.DepthwiseConv):
     k, s, groups, padding = module.kernel_size, module.stride, in_shape[-1], "SAME"
-  elif isinstance(module, layers.Conv):
+  else:
     k, s, groups, padding = (module.kernel_size, module.stride, module.feature_group_count,
                              module.padding)
-  else:  # nn.Conv with square kernels and strides
-    k = module.kernel_size[0]
-    strides = module.strides or 1
-    s = strides if isinstance(strides, int) else strides[0]
-    groups, padding = module.feature_group_count, module.padding
-  if padding == "SAME":
-    pads = (layers._same_padding(in_shape[1], k, s), layers._same_padding(in_shape[2], k, s))
-  elif padding == "VALID":
-    pads = ((0, 0), (0, 0))
-  else:
-    pads = tuple(tuple(int(v) for v in p) for p in padding)
-  return k, s, pads, groups
+  return k, s, layers.explicit_padding(padding, in_shape[1:3], k, s), groups
 
 
 def record_convolutions(name: str, size: int, batch: int) -> list[tuple[nn.Module, tuple, int]]:
@@ -89,8 +78,8 @@ def record_convolutions(name: str, size: int, batch: int) -> list[tuple[nn.Modul
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name == "__call__" and isinstance(
-        module, (layers.Conv, layers.DepthwiseConv, nn.Conv)):
+    convolution = isinstance(module, (layers.Conv, layers.DepthwiseConv))
+    if context.method_name == "__call__" and convolution:
       layer = module.clone(parent=None, name=None)
       shape = tuple(args[0].shape)
       key = (repr(layer), shape)

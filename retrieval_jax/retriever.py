@@ -91,24 +91,24 @@ def default_config() -> ml_collections.ConfigDict:
 MULTISCALE = ("gem", "sum", "weighted")
 
 
-def check_multiscale(cfg: ml_collections.ConfigDict) -> None:
-  """Raises unless ``multiscale`` is known and ``multiscale_weights`` fits it: positive
-  numbers, one per scale of ``scales`` when there are several, given only for ``"weighted"``."""
-  if cfg.multiscale not in MULTISCALE:
-    raise ValueError(f"multiscale must be one of {MULTISCALE}; got {cfg.multiscale!r}.")
-  weights = cfg.multiscale_weights
-  if cfg.multiscale != "weighted":
+def check_multiscale(method: str, weights: Sequence[float] | None,
+                     scales: Sequence[float]) -> None:
+  """Raises unless ``multiscale`` (``method``) is known and ``multiscale_weights`` fits it:
+  positive numbers, one per scale when there are several, given only for ``"weighted"``."""
+  if method not in MULTISCALE:
+    raise ValueError(f"multiscale must be one of {MULTISCALE}; got {method!r}.")
+  if method != "weighted":
     if weights is not None:
       raise ValueError(f"multiscale_weights are only used with multiscale='weighted'; got "
-                       f"{weights!r} with {cfg.multiscale!r}.")
+                       f"{weights!r} with {method!r}.")
     return
   if weights is None or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
                                 and w > 0 for w in weights):
     raise ValueError(f"multiscale='weighted' needs multiscale_weights, positive numbers one per "
                      f"scale; got {weights!r}.")
-  if len(cfg.scales) > 1 and len(weights) != len(cfg.scales):
-    raise ValueError(f"multiscale_weights has {len(weights)} weights for {len(cfg.scales)} "
-                     f"scales {tuple(cfg.scales)}; give one per scale.")
+  if len(scales) > 1 and len(weights) != len(scales):
+    raise ValueError(f"multiscale_weights has {len(weights)} weights for {len(scales)} scales "
+                     f"{tuple(scales)}; give one per scale.")
 
 
 def _build_head(cfg: ml_collections.ConfigDict):
@@ -217,7 +217,7 @@ class Retriever:
     full.scales = tuple(full.scales)
     if full.pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}; got {full.pooling!r}.")
-    check_multiscale(full)
+    check_multiscale(full.multiscale, full.multiscale_weights, full.scales)
     key = full.backbone.replace("-", "_")
     pretrained_name = key.replace("_", "-")
     if full.pretrained and pretrained_name in PRETRAINED:

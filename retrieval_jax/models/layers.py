@@ -17,6 +17,28 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
+def explicit_padding(padding: Any, size_hw: tuple[int, int], k: int,
+                     s: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """``((top, bottom), (left, right))`` of ``"SAME"`` (TF rule), ``"VALID"`` or explicit pads."""
+  if padding == "SAME":
+    return _same_padding(size_hw[0], k, s), _same_padding(size_hw[1], k, s)
+  if padding == "VALID":
+    return (0, 0), (0, 0)
+  (top, bottom), (left, right) = padding
+  return (int(top), int(bottom)), (int(left), int(right))
+
+
+def shifted_taps(x: jax.Array, k: int, stride: int, padding: Any) -> list[jax.Array]:
+  """The ``k^2`` inputs of a ``k x k`` convolution, one per kernel cell in row-major order:
+  ``[B, H, W, C] -> k^2 x [B, H', W', C]``, tap ``(i, j)`` meeting kernel cell ``(i, j)``."""
+  (top, bottom), (left, right) = explicit_padding(padding, x.shape[1:3], k, stride)
+  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  out_h = (x.shape[1] - k) // stride + 1
+  out_w = (x.shape[2] - k) // stride + 1
+  return [x[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride, :]
+          for i, j in np.ndindex(k, k)]
+
+
 class DepthwiseConv(nn.Module):
   """A ``k x k`` depthwise convolution with TF "SAME" padding, as a sum of shifted products.
 
@@ -39,15 +61,9 @@ class DepthwiseConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels),
                         jnp.float32).astype(self.dtype)
     x = x.astype(self.dtype)
-    (top, bottom), (left, right) = _explicit_padding("SAME", x.shape[1:3], k, s)
-    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    out_h = (x.shape[1] - k) // s + 1
-    out_w = (x.shape[2] - k) // s + 1
     y = None
-    for i in range(k):
-      for j in range(k):
-        tap = x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :] * kernel[i, j, 0]
-        y = tap if y is None else y + tap
+    for (i, j), tap in zip(np.ndindex(k, k), shifted_taps(x, k, s, "SAME")):
+      y = tap * kernel[i, j, 0] if y is None else y + tap * kernel[i, j, 0]
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32).astype(
           self.dtype)
@@ -59,17 +75,6 @@ class DepthwiseConv(nn.Module):
 IM2COL_MAX_COLUMNS = 32
 
 
-def _explicit_padding(padding: Any, size_hw: tuple[int, int], k: int,
-                      s: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  """``((top, bottom), (left, right))`` of ``"SAME"`` (TF rule), ``"VALID"`` or explicit pads."""
-  if padding == "SAME":
-    return _same_padding(size_hw[0], k, s), _same_padding(size_hw[1], k, s)
-  if padding == "VALID":
-    return (0, 0), (0, 0)
-  (top, bottom), (left, right) = padding
-  return (int(top), int(bottom)), (int(left), int(right))
-
-
 def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Any) -> jax.Array:
   """A convolution as one matrix product over its ``k x k`` patches (im2col).
 
@@ -77,15 +82,8 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Any) -> j
   ``lax.conv_general_dilated`` with NHWC / HWIO layouts. The patch tensor is ``k^2`` times the
   input, so this pays only for few input channels.
   """
-  k, s = kernel.shape[0], stride
-  (top, bottom), (left, right) = _explicit_padding(padding, x.shape[1:3], k, s)
-  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  out_h = (x.shape[1] - k) // s + 1
-  out_w = (x.shape[2] - k) // s + 1
   # Columns ordered (row, column, channel): the row-major flattening of the HWIO kernel.
-  patches = jnp.concatenate(
-      [x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :]
-       for i in range(k) for j in range(k)], axis=-1)
+  patches = jnp.concatenate(shifted_taps(x, kernel.shape[0], stride, padding), axis=-1)
   return jnp.einsum("bhwc,co->bhwo", patches, kernel.reshape(-1, kernel.shape[-1]))
 
 
@@ -96,8 +94,8 @@ class Conv(nn.Module):
   XLA's CPU backend runs a ``1 x 1`` convolution 1.1-5x slower than the equivalent ``dot``
   (measured on ResNet-50's bottleneck shapes, batch 8), and ResNet and EfficientNet spend most
   of their FLOPs there; a strided ``1 x 1`` convolution without padding is a subsampled matrix
-  product. A kernel with at most ``IM2COL_MAX_COLUMNS`` patch entries (EfficientNet's and VGG's
-  3x3 stems on RGB) runs as :func:`im2col_conv`: 1.3-2.5x faster than XLA's convolution for
+  product. A kernel with at most ``IM2COL_MAX_COLUMNS`` patch entries (EfficientNet-Lite's
+  3x3 stem on RGB) runs as :func:`im2col_conv`: 1.26-2.5x faster than XLA's convolution for
   Lite0's stem at 224-512 px, batch 2-8 (``benchmarks/cpu_kernels.py`` times each layer). Other
   kernels go to ``lax.conv_general_dilated``.
 

@@ -400,7 +400,7 @@ def _validate_one(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   _choice(cfg, "model.pooling", POOLINGS)
   for scales in (cfg.model.scales, cfg.eval.scales):  # eval.scales are combined the same way
     try:
-      check_multiscale(ml_collections.ConfigDict({**cfg.model.to_dict(), "scales": scales}))
+      check_multiscale(cfg.model.multiscale, cfg.model.multiscale_weights, scales)
     except ValueError as e:
       raise ValueError(f"model.{e}") from None
   # Data.
